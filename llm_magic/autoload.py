@@ -1,0 +1,48 @@
+"""The loader `%llmload MODEL` runs when the cell has no body: tokenizer + causal LM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def parse_dtype(name: str) -> Any:
+    """'auto' stays 'auto'; 'bfloat16'/'bf16'/'torch.float16' become torch dtypes."""
+    import torch
+
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    name = name.removeprefix("torch.")
+    if name == "auto":
+        return "auto"
+    dtype = getattr(torch, aliases.get(name, name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (use auto, bfloat16, float16 or float32)")
+    return dtype
+
+
+def parse_device_map(value: str) -> Any:
+    """'auto', 'cpu', 'cuda:0', ... as given; 'none' means no device_map (plain cpu load)."""
+    return None if value.lower() == "none" else value
+
+
+def load_tokenizer(model_name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
+
+
+def load_causal_lm(
+    model_name: str,
+    *,
+    dtype: Any = "auto",
+    device_map: Any = "auto",
+    max_memory: dict | None = None,
+    trust_remote_code: bool = False,
+):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    return AutoModelForCausalLM.from_pretrained(model_name, **kwargs)

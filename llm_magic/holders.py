@@ -1,0 +1,135 @@
+"""Who holds tensor memory: named, hidden and unnamed holders, each storage counted once.
+
+Pure logic over plain roots: `(path, object)` pairs for what the user can see, and
+release.HiddenRef objects for output history and tracebacks. No IPython here.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from .release import HiddenRef
+from .tensors import Footprint, find_tensor_holders, loaded_torch, tensor_storage, tensors_of
+from .walk import WalkStats
+
+NAMED, HIDDEN, UNNAMED = "named", "hidden", "unnamed"
+
+
+@dataclass(frozen=True)
+class HolderRow:
+    path: str  # as the user would write it: "model", "Out[7]", "last traceback, frame ..."
+    kind: str  # NAMED, HIDDEN or UNNAMED
+    type_name: str
+    bytes_by_device: dict[str, int]  # each storage once within this holder
+    shared_by_device: dict[str, int] = field(default_factory=dict)  # of which also held by others
+    shared_with: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes_by_device.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "type": self.type_name,
+            "bytes_by_device": dict(self.bytes_by_device),
+            "shared_by_device": dict(self.shared_by_device),
+            "shared_with": list(self.shared_with),
+        }
+
+
+@dataclass(frozen=True)
+class HolderScan:
+    rows: tuple[HolderRow, ...]
+    explained_by_device: dict[str, int]  # union of all holders' storages
+    orphans_searched: bool
+    truncated: bool  # the walk's budget ran out: some holders may be missing
+
+    def to_dict(self) -> dict:
+        return {
+            "rows": [row.to_dict() for row in self.rows],
+            "explained_by_device": dict(self.explained_by_device),
+            "orphans_searched": self.orphans_searched,
+            "truncated": self.truncated,
+        }
+
+
+def _type_name(obj: Any) -> str:
+    return type(obj).__qualname__
+
+
+def _unnamed(known_storages: set[tuple], seen: set[int]) -> list[tuple[str, Any]]:
+    """Tensors and modules alive but reachable from no root, whose memory nobody explains.
+
+    A scan of every gc-tracked object: the costly part of a snapshot, hence optional.
+    """
+    torch = loaded_torch()
+    if torch is None:
+        return []
+    tensor_type, module_type = torch.Tensor, torch.nn.Module
+    candidates = [obj for obj in gc.get_objects() if issubclass(type(obj), (tensor_type, module_type)) and id(obj) not in seen]
+    found: list[tuple[str, Any]] = []
+    covered = set(known_storages)
+    # Modules first, so a stale model shows as one row, not as each of its weights.
+    candidates.sort(key=lambda obj: not issubclass(type(obj), module_type))
+    for obj in candidates:
+        keys = {tensor_storage(t).key for t in tensors_of(obj) if str(t.device) != "meta"}
+        new = keys - covered
+        if not new:
+            continue
+        covered |= keys  # a stale model's own weights will not show again as separate rows
+        found.append((f"unnamed {_type_name(obj)} at {id(obj):#x}", obj))
+    return found
+
+
+def scan_holders(
+    visible: Iterable[tuple[str, Any]],
+    hidden: Sequence[HiddenRef],
+    *,
+    find_orphans: bool = False,
+) -> HolderScan:
+    """Every tensor holder, named the way the user would write it, with shared storages."""
+    stats = WalkStats()
+    found: list[tuple[str, str, Any]] = [(path, NAMED, leaf) for path, leaf in find_tensor_holders(visible, stats=stats)]
+    for ref in hidden:
+        try:
+            roots = list(ref.roots())
+        except Exception:
+            continue
+        found += [(path, HIDDEN, leaf) for path, leaf in find_tensor_holders(roots, stats=stats)]
+
+    footprints = [Footprint().add(leaf) for _, _, leaf in found]
+    known = set().union(*(fp.storage_keys for fp in footprints)) if footprints else set()
+    if find_orphans:
+        for path, leaf in _unnamed(known, stats.seen):
+            found.append((path, UNNAMED, leaf))
+            footprints.append(Footprint().add(leaf))
+
+    owners: dict[tuple, list[int]] = defaultdict(list)
+    for index, footprint in enumerate(footprints):
+        for key in footprint.storage_keys:
+            owners[key].append(index)
+    explained = Footprint()
+    for footprint in footprints:
+        explained.merge(footprint)
+
+    rows = []
+    for index, ((path, kind, leaf), footprint) in enumerate(zip(found, footprints)):
+        shared_keys = [key for key in footprint.storage_keys if len(owners[key]) > 1]
+        partners = dict.fromkeys(i for key in shared_keys for i in owners[key] if i != index)
+        shared = footprint.restricted_to(shared_keys)
+        rows.append(
+            HolderRow(
+                path=path,
+                kind=kind,
+                type_name=_type_name(leaf),
+                bytes_by_device=footprint.by_device(),
+                shared_by_device=shared.by_device(),
+                shared_with=tuple(found[i][0] for i in partners),
+            )
+        )
+    return HolderScan(tuple(rows), explained.by_device(), find_orphans, stats.truncated)

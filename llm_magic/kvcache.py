@@ -1,0 +1,409 @@
+"""How many bytes of KV cache one generated token costs, from a transformers config.
+
+This models the cache that `generate()` and a plain `model(..., use_cache=True)` build by
+default: a `DynamicCache(config=...)`. Checked against real caches with transformers 4.57 and
+5.23 (`cache_utils.DynamicLayer` / `DynamicSlidingWindowLayer`; MLA in
+`models/deepseek_v3/modeling_deepseek_v3.py`):
+
+- A full-attention layer keeps K and V for every token: `2 * kv_heads * head_dim * dtype bytes`
+  per token and sequence.
+- A sliding-window (or chunked) layer keeps the last `window - 1` tokens, but as a view into the
+  tensor it concatenated one step earlier, so while decoding it holds `window` tokens of memory
+  (a static cache's sliding layer holds exactly `window` too). Right after a prefill of `n`
+  tokens it still holds all `n` until the next step: see `prefill=` below.
+- MLA (DeepSeek V2/V3 and relatives): transformers 5 caches the compressed latent
+  (`kv_lora_rank + qk_rope_head_dim` per layer and token, one "head"); 4.x caches the expanded
+  per-head K (`qk_nope + qk_rope`) and V (`v_head_dim`). Which one applies is read from the
+  installed modeling code, not guessed from the version.
+- Recurrent layers (mamba, linear attention, conv) keep a fixed-size state per sequence,
+  nothing per token; layers that reuse another layer's cache keep nothing.
+
+Pure logic: torch and transformers are imported only inside functions; results are frozen
+dataclasses with `to_dict()`. A figure that cannot be known is a note, not an exception.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+FULL = "full"  # grows with every token
+SLIDING = "sliding"  # grows until its window is full
+NONE = "none"  # nothing per token
+
+# Layer type names (config `layer_types`, 4.x hybrids' `layers_block_type`) by what they cache.
+_FULL_TYPES = {"full_attention", "attention", "global_attention"}
+_SLIDING_TYPES = {"sliding_attention", "chunked_attention", "local_attention"}
+# Attention plus a fixed-size recurrent state (zamba, falcon_h1, zaya1).
+_HYBRID_TYPES = {"hybrid": FULL, "hybrid_sliding": SLIDING}
+_NO_CACHE_TYPES = {"linear_attention", "mamba", "conv", "moe", "mlp", "dummy"}
+_RECURRENT_TYPES = {"linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding"}
+# Families with no attention at all and (in 4.x) no `layer_types` to say so.
+_RECURRENT_MODEL_TYPES = {"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"}
+
+_DTYPE_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "double": "float64",
+}
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """What one decoder layer caches per token of one sequence."""
+
+    index: int
+    layer_type: str  # as the config names it: "full_attention", "sliding_attention", ...
+    kind: str  # FULL, SLIDING or NONE
+    bytes_per_token: int  # bytes, one sequence; 0 for NONE
+    window: int | None  # sliding window / attention chunk from the config; None if unbounded
+    max_tokens: int | None  # most tokens of memory held while decoding (window); None: no cap
+    formula: str  # how bytes_per_token was computed, for people
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class KVProfile:
+    """KV cache cost of a model per token, for one sequence (multiply by the batch)."""
+
+    model_type: str
+    dtype: str  # "bfloat16", ...
+    dtype_bytes: int  # bytes per element
+    bytes_per_token: int  # bytes per token, one sequence, summed over the uncapped layers
+    sliding_bytes_per_token: int  # bytes per token, one sequence, over the capped layers
+    sliding_cap_bytes: int  # bytes, one sequence: the most the capped layers hold
+    layers: tuple[LayerKV, ...]
+    notes: tuple[str, ...]
+
+    @property
+    def unbounded(self) -> bool:
+        """Does the cache keep growing with every token?"""
+        return self.bytes_per_token > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = [layer.to_dict() for layer in self.layers]
+        data["notes"] = list(self.notes)
+        return data
+
+
+# --------------------------------------------------------------------------- config reading
+
+
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    """`getattr` that also survives transformers 5's heterogeneous configs, which raise a
+    RuntimeError for a per-layer attribute read on the global config."""
+    try:
+        value = getattr(config, name)
+    except Exception:
+        return default
+    return default if value is None else value
+
+
+def text_config(config: Any) -> Any:
+    """The decoder's text config of a (possibly multimodal) config."""
+    getter = getattr(config, "get_text_config", None)
+    if callable(getter):
+        try:
+            return getter(decoder=True)
+        except TypeError:  # older signature without `decoder`
+            return getter()
+        except ValueError:  # ambiguous: several text configs
+            pass
+    return _get(config, "text_config", config)
+
+
+def _layer_configs(text: Any, count: int) -> list[Any]:
+    """One config per layer: transformers 5's heterogeneous configs differ per layer."""
+    if _get(text, "is_heterogeneous", False):
+        try:
+            layers = list(text.per_layer_config)
+        except Exception:
+            layers = []
+        if len(layers) >= count:
+            return layers
+    return [text] * count
+
+
+def _layer_types(text: Any, count: int, model_type: str, notes: list[str]) -> list[str]:
+    """Layer types as `DynamicCache(config=...)` derives them, in 4.57 and 5.x alike."""
+    layer_types = _get(text, "layer_types") or _get(text, "layers_block_type")
+    if layer_types:
+        layer_types = [str(kind) for kind in layer_types]
+    elif model_type in _RECURRENT_MODEL_TYPES:
+        layer_types = ["mamba"] * count
+    else:
+        # transformers' rule: all layers slide when the config has a window, else chunked
+        # when it has a chunk size, else full. (Families with an opt-in, like Qwen2's
+        # `use_sliding_window`, clear `sliding_window` themselves when it is off.)
+        layer_types = []
+        for layer in _layer_configs(text, count):
+            if _get(layer, "sliding_window") is not None:
+                layer_types.append("sliding_attention")
+            elif _get(layer, "attention_chunk_size") is not None:
+                layer_types.append("chunked_attention")
+            else:
+                layer_types.append("full_attention")
+
+    # Layers that read another layer's cache keep none of their own (Gemma 3n): 5.x marks
+    # them in `kv_sharing_modes`, 4.x drops the last `num_kv_shared_layers` from the cache.
+    modes = _get(text, "kv_sharing_modes")
+    shared = _get(text, "num_kv_shared_layers", 0)
+    before = list(layer_types)
+    if modes:
+        layer_types = ["dummy" if mode == "reuse" else kind for kind, mode in zip(layer_types, modes)]
+    elif isinstance(shared, int) and 0 < shared <= len(layer_types):
+        layer_types = layer_types[:-shared] + ["dummy"] * shared
+    if layer_types != before:
+        notes.append("layers that reuse another layer's KV cache are counted as caching nothing")
+    return layer_types
+
+
+def resolve_dtype(dtype: Any, config: Any = None) -> tuple[str, int, str | None]:
+    """(name, bytes per element, note) for a torch dtype, its name, or "auto" (the config's)."""
+    import torch
+
+    note = None
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        found = None
+        for source in (text_config(config), config) if config is not None else ():
+            found = _get(source, "dtype")
+            if found is None and not hasattr(source, "dtype"):
+                found = _get(source, "torch_dtype")  # transformers before 4.56
+            if found is not None:
+                break
+        if found is None or found == "auto":
+            found = "float32"
+            note = "the config names no dtype: assumed float32 (pass the loaded model's dtype)"
+        dtype = found
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        name = _DTYPE_ALIASES.get(name, name)
+        resolved = getattr(torch, name, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; give a torch dtype or a name like 'bfloat16'")
+        dtype = resolved
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, a dtype name or 'auto', not {type(dtype).__name__}")
+    return str(dtype).removeprefix("torch."), dtype.itemsize, note
+
+
+@lru_cache(maxsize=None)
+def _mla_caches_latent(model_type: str) -> bool | None:
+    """Does the installed modeling code of this MLA family cache the compressed latent?
+
+    transformers 5 (checked: 5.23) caches `(kv_nope, k_rot)` latents and re-expands them after
+    the cache read, in an attention method named `expand_kv`; 4.x caches expanded K and V.
+    None when the modeling module cannot be imported.
+    """
+    import importlib
+
+    name = f"transformers.models.{model_type}.modeling_{model_type}"
+    module = sys.modules.get(name)
+    if module is None:
+        try:
+            module = importlib.import_module(name)
+        except Exception:
+            return None
+    return any(
+        isinstance(value, type) and callable(getattr(value, "expand_kv", None))
+        for value in vars(module).values()
+    )
+
+
+def _transformers_major() -> int:
+    try:
+        import transformers
+
+        return int(str(transformers.__version__).split(".")[0])
+    except Exception:
+        return 0
+
+
+def _attention_bytes(layer: Any, model_type: str, dtype_bytes: int, notes: list[str]) -> tuple[int, str]:
+    """(bytes per token, formula) of one attention layer's K and V, one sequence."""
+    heads = _get(layer, "num_attention_heads")
+    kv_lora_rank = _get(layer, "kv_lora_rank")
+    if kv_lora_rank:
+        # MLA. Checked before `head_dim`: DeepseekV3Config sets head_dim = qk_rope_head_dim.
+        rope = int(_get(layer, "qk_rope_head_dim", 0))
+        latent = _mla_caches_latent(model_type)
+        if latent is None:
+            latent = _transformers_major() >= 5
+            notes.append(
+                f"could not read how {model_type!r} caches MLA; assumed "
+                + ("the compressed latent (transformers 5)" if latent else "expanded K/V (transformers 4)")
+            )
+        if latent:
+            size = (int(kv_lora_rank) + rope) * dtype_bytes
+            return size, f"MLA latent ({kv_lora_rank} + {rope}) x {dtype_bytes} B"
+        nope = int(_get(layer, "qk_nope_head_dim", 0))
+        v_dim = int(_get(layer, "v_head_dim", 0))
+        if not heads:
+            notes.append("MLA config without num_attention_heads: its cache size is unknown")
+            return 0, "unknown"
+        size = int(heads) * (nope + rope + v_dim) * dtype_bytes
+        return size, f"MLA expanded {heads} heads x (K {nope}+{rope} + V {v_dim}) x {dtype_bytes} B"
+
+    if not heads:
+        notes.append("config has no num_attention_heads: attention cache size unknown")
+        return 0, "unknown"
+    heads = int(heads)
+    kv_heads = _get(layer, "num_key_value_heads") or _get(layer, "num_kv_heads")
+    if not kv_heads and _get(layer, "multi_query", False):
+        kv_heads = 1
+    kv_heads = int(kv_heads or heads)
+    head_dim = _get(layer, "head_dim")
+    if not head_dim:
+        hidden = _get(layer, "hidden_size")
+        if not hidden:
+            notes.append("config has neither head_dim nor hidden_size: attention cache size unknown")
+            return 0, "unknown"
+        head_dim = int(hidden) // heads
+    head_dim = int(head_dim)
+    size = 2 * kv_heads * head_dim * dtype_bytes
+    return size, f"K+V 2 x {kv_heads} kv heads x {head_dim} x {dtype_bytes} B"
+
+
+def kv_cache_profile(config: Any, dtype: Any = "auto") -> KVProfile:
+    """KV cache bytes per token of the model `config` describes, with its cache in `dtype`.
+
+    `dtype`: a torch dtype, its name ("bfloat16"), or "auto" for the config's dtype. Pass the
+    loaded model's dtype when there is one: transformers 4.x loads a bf16 checkpoint as float32
+    unless told otherwise, and then its cache is float32 too.
+    """
+    notes: list[str] = []
+    text = text_config(config)
+    model_type = str(_get(text, "model_type", "") or _get(config, "model_type", "") or "unknown")
+    dtype_name, dtype_bytes, dtype_note = resolve_dtype(dtype, config)
+    if dtype_note:
+        notes.append(dtype_note)
+
+    count = _get(text, "num_hidden_layers")
+    declared = _get(text, "layer_types") or _get(text, "layers_block_type")
+    if not count and declared:
+        count = len(declared)
+    if not count:
+        notes.append("config has no num_hidden_layers: KV cache size unknown")
+        return KVProfile(model_type, dtype_name, dtype_bytes, 0, 0, 0, (), tuple(notes))
+    count = int(count)
+
+    layer_types = _layer_types(text, count, model_type, notes)
+    layer_configs = _layer_configs(text, len(layer_types))
+    unknown: set[str] = set()
+    recurrent = 0
+    layers: list[LayerKV] = []
+    for index, (layer_type, layer) in enumerate(zip(layer_types, layer_configs)):
+        if layer_type in _RECURRENT_TYPES:
+            recurrent += 1
+        if layer_type in _NO_CACHE_TYPES:
+            layers.append(LayerKV(index, layer_type, NONE, 0, None, None, "nothing per token"))
+            continue
+        if layer_type in _SLIDING_TYPES or _HYBRID_TYPES.get(layer_type) == SLIDING:
+            kind = SLIDING
+        elif layer_type in _FULL_TYPES or layer_type in _HYBRID_TYPES:
+            kind = FULL
+        else:
+            # indexed_attention, compressed_sparse_attention, ...: at least a full K/V cache.
+            kind = FULL
+            unknown.add(layer_type)
+        size, formula = _attention_bytes(layer, model_type, dtype_bytes, notes)
+        if layer_type == "indexed_attention":
+            index_dim = _get(layer, "index_head_dim")
+            if index_dim:
+                size += int(index_dim) * dtype_bytes
+                formula += f" + indexer keys {index_dim} x {dtype_bytes} B"
+        window = None
+        if kind == SLIDING:
+            window = _get(layer, "attention_chunk_size" if layer_type == "chunked_attention" else "sliding_window")
+            if window is None:
+                window = _get(layer, "sliding_window") or _get(layer, "attention_chunk_size")
+            if window is None:
+                kind = FULL
+                notes.append(f"layer {index} is {layer_type!r} but the config has no window: counted as full")
+            else:
+                window = int(window)
+        layers.append(LayerKV(index, layer_type, kind, size, window, window, formula))
+
+    # Notes are deduplicated, in order.
+    notes = list(dict.fromkeys(notes))
+    if unknown:
+        notes.append(
+            "layer types " + ", ".join(sorted(unknown)) + " are counted as full attention (an estimate; not checked)"
+        )
+        if "indexed_attention" in unknown:
+            notes.append("indexed attention: indexer keys counted from index_head_dim (not checked)")
+    if recurrent:
+        notes.append(f"{recurrent} recurrent layer(s) keep a fixed-size state per sequence, not counted here")
+    if _get(text, "is_encoder_decoder", False):
+        notes.append("encoder-decoder model: the cross-attention cache (encoder length) is not counted")
+    if _get(config, "auto_map"):
+        notes.append("config has auto_map: with trust_remote_code the remote modeling code decides the cache layout")
+
+    full = sum(layer.bytes_per_token for layer in layers if layer.kind == FULL)
+    sliding = sum(layer.bytes_per_token for layer in layers if layer.kind == SLIDING)
+    cap = sum(layer.bytes_per_token * layer.max_tokens for layer in layers if layer.kind == SLIDING)
+    return KVProfile(model_type, dtype_name, dtype_bytes, full, sliding, cap, tuple(layers), tuple(notes))
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def _check(tokens: int, batch: int) -> None:
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, not {tokens}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, not {batch}")
+
+
+def kv_cache_bytes(profile: KVProfile, tokens: int, batch: int = 1, *, prefill: bool = False) -> int:
+    """Bytes the cache holds after `tokens` tokens per sequence, for `batch` sequences.
+
+    Default: while decoding, sliding layers hold at most their window. `prefill=True`: right
+    after one forward pass over all `tokens` (a prompt), when sliding layers still hold every
+    token until the next step. Beam search: pass `batch * num_beams`.
+    """
+    tokens, batch = int(tokens), int(batch)
+    _check(tokens, batch)
+    per_sequence = 0
+    for layer in profile.layers:
+        held = tokens if (layer.max_tokens is None or prefill) else min(tokens, layer.max_tokens)
+        per_sequence += layer.bytes_per_token * held
+    return per_sequence * batch
+
+
+def tokens_that_fit(profile: KVProfile, free_bytes: int, batch: int = 1, *, prefill: bool = False) -> int | None:
+    """The most tokens per sequence whose cache fits in `free_bytes`; None if any number fits.
+
+    None when nothing grows per token (recurrent models, or only sliding layers whose full
+    windows fit). With `prefill=True`, the longest prompt whose cache fits right after its
+    forward pass (sliding layers hold all of it then, so the answer is always finite unless
+    nothing is cached). Activations and allocator overhead are not included.
+    """
+    batch = int(batch)
+    _check(0, batch)
+    free = max(int(free_bytes), 0)
+    growing = profile.bytes_per_token + (profile.sliding_bytes_per_token if prefill else 0)
+    if growing == 0:
+        if profile.sliding_bytes_per_token == 0 or profile.sliding_cap_bytes * batch <= free:
+            return None
+        high = max(layer.max_tokens or 0 for layer in profile.layers)  # the cap is reached there
+    else:
+        high = free // (growing * batch)
+    # kv_cache_bytes is non-decreasing in tokens: the largest t with bytes(t) <= free.
+    low = 0
+    while low < high:
+        middle = (low + high + 1) // 2
+        if kv_cache_bytes(profile, middle, batch, prefill=prefill) <= free:
+            low = middle
+        else:
+            high = middle - 1
+    return low

@@ -1,0 +1,81 @@
+"""What `%llmfree` releases: named objects, every tensor holder, or only the hidden copies.
+
+The same engine as `%%llmload` (release.py) does the work; this module only chooses targets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from . import cellcode, shellrefs
+from .release import Binding, HiddenRef, ReleaseResult, Target, release
+from .tensors import find_tensor_holders, holds_tensors
+from .walk import WalkStats
+
+
+class FreeError(ValueError):
+    """Bad names: nothing was released."""
+
+
+def hidden_only_holders(shell, hidden: list[HiddenRef]) -> Iterator[tuple[str, Any]]:
+    """(label, tensor-or-module) reachable through hidden references but from no user name."""
+    stats = WalkStats()
+    for _ in find_tensor_holders(shellrefs.visible_names(shell), stats=stats):
+        pass  # marks everything the user can reach as seen
+    for ref in hidden:
+        try:
+            roots = list(ref.roots())
+        except Exception:
+            continue
+        yield from find_tensor_holders(roots, stats=stats)
+
+
+def _holding_tensors(hidden: list[HiddenRef]) -> list[HiddenRef]:
+    holding = []
+    for ref in hidden:
+        try:
+            if any(holds_tensors(value) for _, value in ref.roots()):
+                holding.append(ref)
+        except Exception:
+            continue
+    return holding
+
+
+def _named_targets(shell, names: list[str]) -> list[Target]:
+    paths = []
+    for name in names:
+        try:
+            path = cellcode.parse_target(name)
+            cellcode.resolve(path, shell.user_ns)
+        except ValueError as error:
+            raise FreeError(str(error)) from None
+        except cellcode.Unresolvable:
+            raise FreeError(f"name {name!r} is not defined: nothing was released") from None
+        paths.append(path)
+    # Resolved again only once every name is known to exist: all or nothing.
+    return [
+        Target(path.text, cellcode.resolve(path, shell.user_ns), (Binding(path.text, cellcode.unbinder(path, shell.user_ns)),))
+        for path in paths
+    ]
+
+
+def run_llmfree(shell, names: list[str], *, everything: bool = False, hidden_only: bool = False, dry_run: bool = False) -> ReleaseResult:
+    if not names and not everything and not hidden_only:
+        raise FreeError("%llmfree needs NAME ..., --all or --hidden")
+    targets = _named_targets(shell, names)
+    hidden = shellrefs.hidden_refs(shell)
+    also_clear: list[HiddenRef] = []
+    claimed = {id(target.value) for target in targets}
+    if everything:
+        for name, value in shellrefs.visible_names(shell):
+            if id(value) not in claimed and holds_tensors(value):
+                claimed.add(id(value))
+                targets.append(Target(name, value, (Binding(name, cellcode.unbinder(cellcode.TargetPath(name), shell.user_ns)),)))
+    if everything or hidden_only:
+        for label, leaf in hidden_only_holders(shell, hidden):
+            if id(leaf) not in claimed:
+                claimed.add(id(leaf))
+                targets.append(Target(label, leaf, ()))
+        also_clear = _holding_tensors(hidden)
+    value = leaf = None  # noqa: F841 - no strong reference may outlive the release
+    return release(targets, hidden, lambda: shellrefs.naming_roots(shell), also_clear=also_clear, dry_run=dry_run)

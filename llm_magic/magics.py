@@ -1,0 +1,82 @@
+"""The magics: parse arguments, call one function that holds the logic, show its result."""
+
+from __future__ import annotations
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool
+
+
+@magics_class
+class LLMMagic(Magics):
+    """Settings, e.g. `%config LLMMagic.strict = True`."""
+
+    strict = Bool(False, help="Refuse a load predicted to put any module on a slower tier (cpu/disk).").tag(config=True)
+
+    @magic_arguments()
+    @argument("model_name", nargs="?", help="Model id or local path; bound as MODEL_NAME for the body.")
+    @argument("--model-var", default="model", help="Empty body: the variable for the model (default: model).")
+    @argument("--tokenizer-var", default="tokenizer", help="Empty body: the variable for the tokenizer (default: tokenizer).")
+    @argument("--no-tokenizer", action="store_true", help="Empty body: load no tokenizer.")
+    @argument("--dtype", default="auto", help="Empty body: dtype (auto, bfloat16, float16, float32; default: auto).")
+    @argument("--device-map", default="auto", help="Empty body: device_map (auto, cpu, cuda:0, none; default: auto).")
+    @argument("--trust-remote-code", action="store_true", help="Empty body: pass trust_remote_code=True (off unless given).")
+    @argument("--release-all", action="store_true", help="Also release every other object in the namespace that holds tensors.")
+    @argument("-o", "--output", action="store_true", help="Return the report object.")
+    @line_cell_magic
+    def llmload(self, line: str, cell: str | None = None):
+        """Release what the cell replaces (and its hidden copies), load, report placement.
+
+        %%llmload MODEL_NAME [options]
+        model = AutoModelForCausalLM.from_pretrained(MODEL_NAME, device_map="auto")
+
+        With no body (`%llmload MODEL_NAME`), loads `tokenizer` and `model` itself.
+        """
+        __tracebackhide__ = True  # noqa: F841 - IPython hides this frame in tracebacks
+        from .cellcode import CellSyntaxError
+        from .llmload import LoadOptions, run_llmload
+        from .render import render_load_report, show
+
+        args = parse_argstring(self.llmload, line)
+        if not args.model_name:
+            raise UsageError("%llmload needs a MODEL_NAME (a model id or a local path)")
+        options = LoadOptions(
+            model_name=args.model_name.strip("'\""),
+            model_var=args.model_var,
+            tokenizer_var=None if args.no_tokenizer else args.tokenizer_var,
+            dtype=args.dtype,
+            device_map=args.device_map,
+            trust_remote_code=args.trust_remote_code,
+            release_all=args.release_all,
+        )
+        try:
+            outcome = run_llmload(self.shell, options, cell)
+        except (CellSyntaxError, ValueError) as error:
+            raise UsageError(str(error)) from None
+        show(render_load_report(outcome.report))
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.report if args.output else outcome.value
+
+    @magic_arguments()
+    @argument("names", nargs="*", help="Objects to release: NAME, NAME.attr or NAME['key'].")
+    @argument("--all", action="store_true", dest="everything", help="Release every object that holds tensors, hidden copies too.")
+    @argument("--hidden", action="store_true", help="Release only hidden copies (Out, _, the last traceback) and what only they hold.")
+    @argument("--dry-run", action="store_true", help="Show what would be released; change nothing.")
+    @argument("-o", "--output", action="store_true", help="Return the release result object.")
+    @line_magic
+    def llmfree(self, line: str):
+        """Release objects and every hidden copy of them; print what was freed per device."""
+        from .llmfree import FreeError, run_llmfree
+        from .render import render_release, show
+
+        args = parse_argstring(self.llmfree, line)
+        try:
+            result = run_llmfree(self.shell, args.names, everything=args.everything, hidden_only=args.hidden, dry_run=args.dry_run)
+        except FreeError as error:
+            raise UsageError(str(error)) from None
+        show(render_release(result, f"%llmfree {line.strip()}"))
+        if result.interrupted:
+            raise KeyboardInterrupt
+        return result if args.output else None

@@ -1,0 +1,258 @@
+"""The release engine: drop every reference we are allowed to drop, then prove it worked.
+
+It knows nothing of IPython. Callers describe the world as plain objects:
+- `Target`: an object to release, with the bindings that name it (`model` in the namespace);
+- `HiddenRef`: a place that may keep a copy alive behind the user's back (`Out[3]`, `_`, the
+  last traceback), with the objects it holds and a way to clear it.
+The engine clears the target bindings and every hidden reference that reaches a target (and no
+other), collects garbage, and checks with weak references that each target is really gone. A
+survivor is reported with the paths that still hold it (`results[0].model`), never as freed.
+"""
+
+from __future__ import annotations
+
+import gc
+import signal
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from .tensors import Footprint, find_tensor_holders, footprint_of, is_tensor, loaded_torch, tensors_of
+from .walk import WalkStats, find_paths
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A reference the user asked us to drop: a name, an attribute, an item."""
+
+    label: str
+    clear: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    value: Any
+    bindings: tuple[Binding, ...]
+
+
+@dataclass(frozen=True)
+class HiddenRef:
+    """A reference the user cannot see in their namespace: output history, traceback, ..."""
+
+    label: str
+    roots: Callable[[], Iterable[tuple[str, Any]]]  # (path, object) it holds
+    clear: Callable[[], None]
+
+
+@dataclass(frozen=True)
+class ReleasedObject:
+    label: str
+    type_name: str
+    bytes_by_device: dict[str, int]
+    cleared: tuple[str, ...]  # every reference we dropped for it
+    freed: bool  # proven by weak references after gc (always False in a dry run)
+    held_by: tuple[str, ...] = ()  # when not freed: paths that still hold it
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    released: tuple[ReleasedObject, ...] = ()
+    freed_bytes: dict[str, int] = field(default_factory=dict)  # per device, proven freed
+    interrupted: bool = False  # a KeyboardInterrupt arrived and was deferred past the release
+    also_cleared: tuple[str, ...] = ()  # hidden copies dropped of objects the user still names
+    dry_run: bool = False  # nothing was changed: this is what a release would do
+
+    @property
+    def all_freed(self) -> bool:
+        return all(item.freed for item in self.released)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[list]:
+    """Hold Ctrl-C until the block ends, so references are dropped all or nothing.
+
+    Yields a list that gets an entry if an interrupt arrived; the caller re-raises it.
+    """
+    received: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except (ValueError, TypeError):  # not installable here: run unprotected
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def collect_garbage() -> None:
+    """gc, then hand PyTorch's cached CUDA blocks back (only if CUDA is already in use)."""
+    gc.collect()
+    torch = loaded_torch()
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)  # not obj.__class__, which can lie
+    module = kind.__module__
+    return kind.__name__ if module in ("builtins", None) else f"{module}.{kind.__qualname__}"
+
+
+def _probes(value: Any) -> list[weakref.ref]:
+    """Weak references that all die only when `value`'s memory can go.
+
+    The value itself when it supports weak references, and every tensor inside it: a module
+    can die while an optimizer still holds its parameters, and then nothing was freed.
+    """
+    probes = []
+    try:
+        probes.append(weakref.ref(value))
+    except TypeError:
+        pass  # lists, dicts, tuples: their tensors speak for them
+    for _, leaf in find_tensor_holders([("", value)]):
+        for tensor in tensors_of(leaf):
+            try:
+                probes.append(weakref.ref(tensor))
+            except TypeError:
+                continue
+    return probes
+
+
+def _reaching(hidden: Sequence[HiddenRef], wanted: set[int]) -> list[tuple[HiddenRef, set[int]]]:
+    """The hidden references through which wanted objects are reachable, with their ids."""
+    reaching = []
+    for ref in hidden:
+        try:
+            roots = list(ref.roots())
+        except Exception:
+            continue
+        found = find_paths(roots, wanted, stop=is_tensor)
+        if found:
+            reaching.append((ref, set(found)))
+    return reaching
+
+
+def name_holders(
+    survivors: Sequence[Any],
+    naming_roots: Iterable[tuple[str, Any]],
+) -> dict[int, list[str]]:
+    """Paths from the user's names (then hidden places) that still reach each survivor."""
+    wanted = {id(obj) for obj in survivors}
+    found = find_paths(naming_roots, wanted, stop=is_tensor, stats=WalkStats())
+    for obj in survivors:
+        if id(obj) not in found:
+            found[id(obj)] = [_unnamed_holders(obj)]
+    return found
+
+
+def _unnamed_holders(obj: Any) -> str:
+    """Who holds an object that no name reaches: the referrers' types, found through gc."""
+    import inspect
+
+    this_frame = inspect.currentframe()
+    kinds = sorted(
+        {
+            _type_name(referrer)
+            for referrer in gc.get_referrers(obj)
+            if referrer is not this_frame and type(referrer).__name__ != "frame"
+        }
+    )
+    del this_frame
+    described = ", ".join(kinds[:4]) or "a C extension or a frame"
+    return f"unnamed: reachable from no name, referenced by {described}"
+
+
+def _summarise(paths: Iterable[str], shown: int = 3) -> tuple[str, ...]:
+    """A few holder paths, then a count: a kept optimizer names hundreds of parameters."""
+    paths = list(paths)
+    if len(paths) <= shown + 1:
+        return tuple(paths)
+    return tuple(paths[:shown]) + (f"... and {len(paths) - shown} more",)
+
+
+def release(
+    targets: list[Target],
+    hidden: Sequence[HiddenRef],
+    naming_roots: Callable[[], Iterable[tuple[str, Any]]],
+    *,
+    also_clear: Sequence[HiddenRef] = (),
+    dry_run: bool = False,
+) -> ReleaseResult:
+    """Release `targets` and the hidden references that reach them; verify with weakrefs.
+
+    The engine empties `targets`, so that the caller keeps no strong reference to a value.
+    `also_clear` are hidden references to drop as well although they reach no target (copies
+    of objects the user still names: dropping them frees nothing by itself).
+    `naming_roots` is called only if something survives, to say who still holds it. A
+    KeyboardInterrupt during the clearing is held until every reference is dropped and then
+    reported as `interrupted` (the caller re-raises it after showing what was released).
+    """
+    reaching = _reaching(hidden, {id(target.value) for target in targets}) if targets else []
+    plans = [
+        (
+            target.label,
+            _type_name(target.value),
+            footprint_of(target.value),
+            _probes(target.value),
+            target.bindings,
+            tuple(ref.label for ref, ids in reaching if id(target.value) in ids),
+        )
+        for target in targets
+    ]
+    targets.clear()  # from here on, only weak references to the values
+    extra = [ref for ref in also_clear if all(ref is not other for other, _ in reaching)]
+    if dry_run:
+        released = tuple(
+            ReleasedObject(label, type_name, footprint.by_device(), tuple(b.label for b in bindings) + hidden_labels, False)
+            for label, type_name, footprint, _, bindings, hidden_labels in plans
+        )
+        return ReleaseResult(released, {}, also_cleared=tuple(ref.label for ref in extra), dry_run=True)
+
+    with deferred_interrupt() as interrupted:
+        for *_, bindings, _ in plans:
+            for binding in bindings:
+                binding.clear()
+        for ref in [ref for ref, _ in reaching] + extra:
+            try:
+                ref.clear()
+            except Exception:  # a hidden place that refuses: the weakref check will say so
+                continue
+    collect_garbage()
+
+    survivors = [[obj for obj in (probe() for probe in probes) if obj is not None] for *_, probes, _, _ in plans]
+    holders = {}
+    if any(survivors):
+        holders = name_holders([obj for group in survivors for obj in group], naming_roots())
+
+    released, freed = [], Footprint()
+    for (label, type_name, footprint, _, bindings, hidden_labels), alive in zip(plans, survivors):
+        if not alive:
+            freed.merge(footprint)
+        released.append(
+            ReleasedObject(
+                label=label,
+                type_name=type_name,
+                bytes_by_device=footprint.by_device(),
+                cleared=tuple(b.label for b in bindings) + hidden_labels,
+                freed=not alive,
+                held_by=_summarise(dict.fromkeys(path for obj in alive for path in holders.get(id(obj), ()))),
+            )
+        )
+    del survivors, holders
+    return ReleaseResult(
+        tuple(released),
+        freed.by_device(),
+        interrupted=bool(interrupted),
+        also_cleared=tuple(ref.label for ref in extra),
+    )

@@ -1,0 +1,192 @@
+"""Rendering reports with rich: a coloured table in a terminal, HTML in a notebook.
+
+Only this module and `display.py` know about rich. Every function takes plain report data
+and returns a rich renderable; nothing here measures or changes anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+WARN = "bold red"
+OK = "green"
+DIM = "dim"
+DEVICE_ORDER = ("cuda", "mps", "xpu", "cpu", "disk", "meta")
+
+
+def format_bytes(count: int | None) -> str:
+    """Binary units, three significant figures: '1.21 GiB', '640 KiB', 'unknown'."""
+    if count is None:
+        return "unknown"
+    sign = "-" if count < 0 else ""
+    value = float(abs(count))
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            if unit == "B":
+                return f"{sign}{int(value)} B"
+            return f"{sign}{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def device_sort_key(device: str) -> tuple:
+    kind, _, index = device.partition(":")
+    rank = DEVICE_ORDER.index(kind) if kind in DEVICE_ORDER else len(DEVICE_ORDER)
+    return (rank, int(index) if index.isdigit() else 0, device)
+
+
+def format_by_device(bytes_by_device: dict[str, int]) -> str:
+    if not bytes_by_device:
+        return "0 B"
+    ordered = sorted(bytes_by_device, key=device_sort_key)
+    return ", ".join(f"{format_bytes(bytes_by_device[d])} {d}" for d in ordered)
+
+
+def _table(title: str, *columns: tuple[str, str]) -> Table:
+    # min_width keeps a short table from wrapping its own title.
+    table = Table(
+        title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False,
+        min_width=min(len(title) + 2, 100),
+    )
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=justify == "right")
+    return table
+
+
+def released_table(released) -> Table | Text:
+    if not released.released:
+        return Text("Released: nothing (no existing object held tensors the cell replaces).", style=DIM)
+    table = _table("Released", ("object", "left"), ("type", "left"), ("memory", "right"), ("references dropped", "left"), ("status", "left"))
+    for item in released.released:
+        if released.dry_run:
+            status = Text("would be released", style=DIM)
+        elif item.freed:
+            status = Text("freed ✓", style=OK)
+        else:
+            status = Text("NOT freed: held by " + "; ".join(item.held_by), style=WARN)
+        table.add_row(item.label, item.type_name.rsplit(".", 1)[-1], format_by_device(item.bytes_by_device), ", ".join(item.cleared), status)
+    return table
+
+
+def render_release(released, heading: str) -> Group:
+    """What `%llmfree` did (or, in a dry run, would do)."""
+    parts: list[Any] = [Text(heading + ("  (dry run: nothing released)" if released.dry_run else ""), style="bold cyan")]
+    parts.append(released_table(released))
+    if released.also_cleared:
+        parts.append(Text("Hidden copies dropped (the objects are still named): " + ", ".join(released.also_cleared), style=DIM))
+    if not released.dry_run:
+        freed = format_by_device(released.freed_bytes) if released.freed_bytes else "nothing"
+        parts.append(Text(f"Freed: {freed}", style=OK if released.freed_bytes else DIM))
+    return Group(*parts)
+
+
+def placement_table(placement, predicted: dict[str, int] | None = None) -> Table:
+    columns = [("device", "left"), ("modules", "right"), ("bytes", "right"), ("share", "right")]
+    if predicted is not None:
+        columns.append(("predicted", "right"))
+    title = f"{placement.name}: {placement.class_name}, {format_bytes(placement.total_bytes)}"
+    table = _table(title, *columns)
+    for row in placement.rows:
+        slow = row.device in ("cpu", "disk") and placement_has_accelerator(placement) or row.device == "disk"
+        style = WARN if slow else None
+        cells = [row.device, str(row.modules), format_bytes(row.nbytes), f"{row.share:.0%}"]
+        if predicted is not None:
+            cells.append(format_bytes(predicted.get(row.device, 0)))
+        table.add_row(*cells, style=style)
+    return table
+
+
+def placement_has_accelerator(placement) -> bool:
+    return any(row.device.split(":")[0] not in ("cpu", "disk", "meta") for row in placement.rows)
+
+
+def memory_table(before, after) -> Table | None:
+    if before is None and after is None:
+        return None
+    table = _table("Free memory", ("device", "left"), ("before", "right"), ("after", "right"), ("change", "right"))
+    before_free = {d.device: d.free_bytes for d in getattr(before, "devices", ())}
+    after_free = {d.device: d.free_bytes for d in getattr(after, "devices", ())}
+    for device in sorted(set(before_free) | set(after_free), key=device_sort_key):
+        old, new = before_free.get(device), after_free.get(device)
+        change = format_bytes(new - old) if old is not None and new is not None else "unknown"
+        table.add_row(device, format_bytes(old), format_bytes(new), change)
+    return table
+
+
+def kept_table(kept: Iterable) -> Table | None:
+    kept = list(kept)
+    if not kept:
+        return None
+    table = _table("Still loaded (kept: not replaced by this cell)", ("name", "left"), ("type", "left"), ("memory", "right"))
+    for holder in kept:
+        table.add_row(holder.path, holder.type_name.rsplit(".", 1)[-1], format_by_device(holder.bytes_by_device))
+    table.caption = "free them with %llmfree NAME ..., or reload with %%llmload --release-all"
+    table.caption_justify = "left"
+    return table
+
+
+def warnings_panel(warnings: Iterable[str]) -> Panel | None:
+    warnings = list(warnings)
+    if not warnings:
+        return None
+    body = Text("\n".join(f"⚠ {w}" for w in warnings), style=WARN)
+    return Panel(body, title="Warning", title_align="left", border_style="red", box=box.HEAVY)
+
+
+def render_load_report(report) -> Group:
+    parts: list[Any] = []
+    heading = f"%%llmload {report.model_name}" + ("  (dry run: nothing loaded)" if report.dry_run else "")
+    parts.append(Text(heading, style="bold cyan"))
+    parts.append(warnings_panel(report.warnings))
+    parts.append(released_table(report.released))
+    predicted = getattr(report.prediction, "bytes_by_device", None)
+    for placement in report.models:
+        parts.append(placement_table(placement, predicted))
+    for line in report.headroom:
+        parts.append(Text(str(line)))
+    parts.append(kept_table(report.kept))
+    parts.append(memory_table(report.memory_before, report.memory_after))
+    if report.error:
+        parts.append(Text(f"The cell raised {report.error} (traceback below).", style=WARN))
+    return Group(*(part for part in parts if part is not None))
+
+
+def mimebundle(renderable, width: int = 110) -> dict[str, str]:
+    """text/plain (no colour codes) and text/html (inline styles) for one renderable."""
+    console = Console(record=True, width=width, file=_Discard(), color_system="truecolor", force_terminal=True)
+    console.print(renderable)
+    html = console.export_html(inline_styles=True, code_format=_HTML_FORMAT, clear=False)
+    text = console.export_text(clear=True, styles=False)
+    return {"text/plain": text, "text/html": html}
+
+
+_HTML_FORMAT = (
+    '<pre class="llm-magic" style="white-space:pre;overflow-x:auto;line-height:1.35;'
+    "font-family:Menlo,'DejaVu Sans Mono',Consolas,'Courier New',monospace;font-size:13px\">"
+    "<code>{code}</code></pre>"
+)
+
+
+class _Discard:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def show(renderable) -> None:
+    """Print in a terminal (with colour when it is one); display HTML in a notebook."""
+    console = Console()
+    if console.is_jupyter:
+        from IPython.display import display
+
+        display(mimebundle(renderable), raw=True)
+    else:
+        console.print(renderable)

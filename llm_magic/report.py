@@ -1,0 +1,72 @@
+"""The load report: plain data about one `%%llmload`, holding no model and no tensor.
+
+Returned by `%%llmload -o`; rendered by `render.py`; `to_dict()` gives JSON-able data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .release import ReleaseResult
+
+
+def _as_dict(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_as_dict(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _as_dict(item) for key, item in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Holder:
+    """An object in the namespace that holds tensor memory (a kept model, a big tensor)."""
+
+    path: str
+    type_name: str
+    bytes_by_device: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes_by_device.values())
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "type": self.type_name, "bytes_by_device": dict(self.bytes_by_device)}
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    model_name: str
+    released: ReleaseResult = field(default_factory=ReleaseResult)
+    models: tuple = ()  # placement.ModelPlacement, one per model the body bound
+    kept: tuple[Holder, ...] = ()  # tensor holders still in the namespace, not replaced
+    memory_before: Any = None  # devices.MemorySnapshot
+    memory_after: Any = None
+    prediction: Any = None  # preflight.Prediction, when a pre-flight ran
+    headroom: tuple = ()  # generation headroom per model
+    warnings: tuple[str, ...] = ()
+    error: str | None = None  # the body's exception, one line
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "model_name": self.model_name,
+            "released": _as_dict(self.released),
+            "models": _as_dict(self.models),
+            "kept": _as_dict(self.kept),
+            "memory_before": _as_dict(self.memory_before),
+            "memory_after": _as_dict(self.memory_after),
+            "prediction": _as_dict(self.prediction),
+            "headroom": _as_dict(self.headroom),
+            "warnings": list(self.warnings),
+            "error": self.error,
+            "dry_run": self.dry_run,
+        }
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        from .render import mimebundle, render_load_report
+
+        return mimebundle(render_load_report(self))

@@ -1,0 +1,188 @@
+"""Where an IPython shell keeps references the user cannot see, as release.HiddenRef objects.
+
+This is the one module that knows IPython's internals (checked on IPython 8.39 and 9.18):
+- output history: `Out[n]` (= `_oh`, `history_manager.output_hist`), `_n`, and `_`, `__`,
+  `___` — each in `user_ns`, in `user_ns_hidden`, and as attributes of the displayhook;
+- `last_execution_result.result` (the previous cell's value);
+- the last exception: `sys.last_type/last_value/last_traceback/last_exc`,
+  `InteractiveTB.tb`, `last_execution_result.error_in_exec`, and through them every frame of
+  the traceback with its locals.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import traceback
+import types
+from itertools import chain
+from typing import Any, Iterable, Iterator
+
+from .release import HiddenRef
+
+_OUTPUT_NAME = re.compile(r"_\d+|_{1,3}")
+_INPUT_NAME = re.compile(r"_i{1,3}|_i\d+")
+_SHELL_NAMES = frozenset({"In", "Out", "_ih", "_oh", "_dh", "exit", "quit", "get_ipython"})
+_EXCEPTION_ATTRS = ("last_type", "last_value", "last_traceback", "last_exc")
+
+
+def is_shell_name(name: str) -> bool:
+    """Names IPython itself binds in the user namespace (history, output cache)."""
+    return name in _SHELL_NAMES or bool(_OUTPUT_NAME.fullmatch(name) or _INPUT_NAME.fullmatch(name))
+
+
+def visible_names(shell) -> Iterator[tuple[str, Any]]:
+    """The user's own names: `user_ns` less IPython's hidden variables and history names."""
+    hidden = shell.user_ns_hidden
+    for name, value in list(dict.items(shell.user_ns)):
+        if type(name) is not str or is_shell_name(name):
+            continue
+        if name in hidden and hidden[name] is value:
+            continue
+        yield name, value
+
+
+# -- output history -------------------------------------------------------------------------
+
+
+def _output_refs(shell) -> Iterator[HiddenRef]:
+    output_hist = shell.history_manager.output_hist if shell.history_manager else {}
+    for number in list(output_hist):
+        yield HiddenRef(
+            f"Out[{number}]",
+            roots=lambda n=number: [(f"Out[{n}]", output_hist[n])] if n in output_hist else [],
+            clear=lambda n=number: output_hist.pop(n, None),
+        )
+    namespaces = (shell.user_ns, shell.user_ns_hidden)
+    numbered = {name for ns in namespaces for name in ns if type(name) is str and re.fullmatch(r"_\d+", name)}
+    for name in sorted(numbered, key=lambda n: int(n[1:])):
+        yield HiddenRef(
+            name,
+            roots=lambda name=name: [(name, ns[name]) for ns in namespaces if name in ns],
+            clear=lambda name=name: [ns.pop(name, None) for ns in namespaces],
+        )
+    for name in ("_", "__", "___"):
+        yield HiddenRef(name, roots=lambda name=name: _underscore_values(shell, name), clear=lambda name=name: _clear_underscore(shell, name))
+
+
+def _underscore_values(shell, name: str) -> list[tuple[str, Any]]:
+    values = [(name, ns[name]) for ns in (shell.user_ns, shell.user_ns_hidden) if name in ns]
+    displayhook = getattr(shell, "displayhook", None)
+    if displayhook is not None and name in vars(displayhook):
+        values.append((name, vars(displayhook)[name]))
+    return values
+
+
+def _clear_underscore(shell, name: str) -> None:
+    # '' is what IPython itself puts there when the output cache is flushed.
+    for ns in (shell.user_ns, shell.user_ns_hidden):
+        if name in ns:
+            ns[name] = ""
+    displayhook = getattr(shell, "displayhook", None)
+    if displayhook is not None and name in vars(displayhook):
+        setattr(displayhook, name, "")
+
+
+def _last_result_ref(shell) -> Iterator[HiddenRef]:
+    def roots():
+        result = getattr(shell, "last_execution_result", None)
+        return [("the last cell's result", result.result)] if result is not None else []
+
+    def clear():
+        result = getattr(shell, "last_execution_result", None)
+        if result is not None:
+            result.result = None
+
+    yield HiddenRef("last_execution_result", roots=roots, clear=clear)
+
+
+# -- the last exception ---------------------------------------------------------------------
+
+
+def _exceptions(shell) -> list[BaseException]:
+    """The last exception(s) the shell or sys keep, with their causes and contexts."""
+    found: list[BaseException] = []
+    candidates = [getattr(sys, "last_value", None), getattr(sys, "last_exc", None)]
+    result = getattr(shell, "last_execution_result", None)
+    if result is not None:
+        candidates += [result.error_in_exec, result.error_before_exec]
+    while candidates:
+        exc = candidates.pop()
+        if isinstance(exc, BaseException) and not any(exc is seen for seen in found):
+            found.append(exc)
+            candidates += [exc.__cause__, exc.__context__]
+    return found
+
+
+def _tracebacks(shell) -> list[types.TracebackType]:
+    tbs = [exc.__traceback__ for exc in _exceptions(shell)]
+    tbs += [getattr(sys, "last_traceback", None), getattr(getattr(shell, "InteractiveTB", None), "tb", None)]
+    unique: list[types.TracebackType] = []
+    for tb in tbs:
+        if isinstance(tb, types.TracebackType) and not any(tb is seen for seen in unique):
+            unique.append(tb)
+    return unique
+
+
+def _frames(tb: types.TracebackType | None) -> Iterator[types.FrameType]:
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next
+
+
+def _exception_roots(shell) -> list[tuple[str, Any]]:
+    roots: list[tuple[str, Any]] = []
+    seen_frames: set[int] = set()
+    for tb in _tracebacks(shell):
+        for frame in _frames(tb):
+            if id(frame) in seen_frames:
+                continue
+            seen_frames.add(id(frame))
+            f_locals = frame.f_locals
+            if f_locals is frame.f_globals:
+                continue  # a cell's module-level frame: its "locals" are the user namespace
+            where = f"last traceback, frame `{frame.f_code.co_name}()`"
+            roots += [(f"{where}, local `{name}`", value) for name, value in f_locals.items()]
+    for exc in _exceptions(shell):
+        roots += [(f"last exception {type(exc).__name__}.args[{i}]", arg) for i, arg in enumerate(exc.args)]
+    return roots
+
+
+def clear_exception_state(shell) -> None:
+    """Drop the last exception everywhere IPython and sys keep it, and free its frames."""
+    tracebacks = _tracebacks(shell)
+    for tb in tracebacks:
+        traceback.clear_frames(tb)
+        for frame in _frames(tb):
+            # Python 3.11 keeps a snapshot dict of the locals made by an earlier f_locals
+            # read (IPython's traceback rendering); reading again after clear() empties it.
+            frame.f_locals  # noqa: B018
+    for name in _EXCEPTION_ATTRS:
+        if hasattr(sys, name):
+            delattr(sys, name)
+    interactive_tb = getattr(shell, "InteractiveTB", None)
+    if interactive_tb is not None and getattr(interactive_tb, "tb", None) is not None:
+        interactive_tb.tb = None
+    result = getattr(shell, "last_execution_result", None)
+    if result is not None:
+        result.error_in_exec = None
+        result.error_before_exec = None
+
+
+def _exception_ref(shell) -> Iterator[HiddenRef]:
+    yield HiddenRef("last traceback", roots=lambda: _exception_roots(shell), clear=lambda: clear_exception_state(shell))
+
+
+def hidden_refs(shell) -> list[HiddenRef]:
+    """Every place in the shell that can keep an object alive behind the user's back."""
+    return list(chain(_output_refs(shell), _last_result_ref(shell), _exception_ref(shell)))
+
+
+def naming_roots(shell) -> Iterable[tuple[str, Any]]:
+    """Roots to name holders from: the user's names first (shortest, most familiar paths)."""
+    yield from visible_names(shell)
+    for ref in hidden_refs(shell):
+        try:
+            yield from ref.roots()
+        except Exception:
+            continue

@@ -1,0 +1,80 @@
+"""Shared fixtures: offline tiny checkpoints, and a fresh real InteractiveShell per test."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+# Before transformers is imported anywhere: no hub, no network, no telemetry.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """`tiny_models(arch="llama", **options)` -> path of a cached tiny checkpoint."""
+    from llm_magic.tinymodels import build_tiny_model
+
+    cache: dict[tuple, str] = {}
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    def make(arch: str = "llama", **options) -> str:
+        key = (arch, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = str(build_tiny_model(root / f"m{len(cache)}-{arch}", arch, **options))
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(tiny_models) -> str:
+    """Path of the default tiny Llama checkpoint (float32, safetensors, with tokenizer)."""
+    return tiny_models()
+
+
+@pytest.fixture
+def shell():
+    """A fresh, real InteractiveShell with llm_magic loaded; torn down after the test.
+
+    InteractiveShell is a singleton: clear the instance first so each test gets its own
+    namespaces, output history and exception state.
+    """
+    from IPython.core.interactiveshell import InteractiveShell
+
+    InteractiveShell.clear_instance()
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "llm_magic")
+    yield ip
+    if "llm_magic" in ip.extension_manager.loaded:
+        ip.run_line_magic("unload_ext", "llm_magic")
+    ip.reset(new_session=False)
+    InteractiveShell.clear_instance()
+    gc.collect()
