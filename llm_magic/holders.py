@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .release import HiddenRef
-from .tensors import Footprint, find_tensor_holders, loaded_torch, tensor_storage, tensors_of
+from .tensors import Footprint, find_tensor_holders, is_module, loaded_torch, tensor_storage, tensors_of
 from .walk import WalkStats
 
 NAMED, HIDDEN, UNNAMED = "named", "hidden", "unnamed"
@@ -71,6 +71,7 @@ def _unnamed(known_storages: set[tuple], seen: set[int]) -> list[tuple[str, Any]
     if torch is None:
         return []
     tensor_type, module_type = torch.Tensor, torch.nn.Module
+    gc.collect()  # unreachable cycles are garbage about to go, not holders
     candidates = [obj for obj in gc.get_objects() if issubclass(type(obj), (tensor_type, module_type)) and id(obj) not in seen]
     found: list[tuple[str, Any]] = []
     covered = set(known_storages)
@@ -86,6 +87,24 @@ def _unnamed(known_storages: set[tuple], seen: set[int]) -> list[tuple[str, Any]
     return found
 
 
+def _group_by_holder(
+    roots: Iterable[tuple[str, Any]], kind: str, stats: WalkStats
+) -> list[tuple[str, str, Any, Footprint]]:
+    """One row per model (at its own path) and per root for loose tensors.
+
+    An optimizer's hundreds of parameters are one row `opt`, not hundreds; `results[0].model`
+    is its own row because a model is what the user thinks of as one thing.
+    """
+    groups: dict[str, tuple[str, str, Any, Footprint]] = {}
+    for label, root in roots:
+        for path, leaf in find_tensor_holders([(label, root)], stats=stats):
+            key = path if is_module(leaf) else label
+            if key not in groups:
+                groups[key] = (key, kind, leaf if is_module(leaf) else root, Footprint())
+            groups[key][3].add(leaf)
+    return list(groups.values())
+
+
 def scan_holders(
     visible: Iterable[tuple[str, Any]],
     hidden: Sequence[HiddenRef],
@@ -94,20 +113,18 @@ def scan_holders(
 ) -> HolderScan:
     """Every tensor holder, named the way the user would write it, with shared storages."""
     stats = WalkStats()
-    found: list[tuple[str, str, Any]] = [(path, NAMED, leaf) for path, leaf in find_tensor_holders(visible, stats=stats)]
+    found = _group_by_holder(visible, NAMED, stats)
     for ref in hidden:
         try:
             roots = list(ref.roots())
         except Exception:
             continue
-        found += [(path, HIDDEN, leaf) for path, leaf in find_tensor_holders(roots, stats=stats)]
+        found += _group_by_holder(roots, HIDDEN, stats)
 
-    footprints = [Footprint().add(leaf) for _, _, leaf in found]
-    known = set().union(*(fp.storage_keys for fp in footprints)) if footprints else set()
+    known = set().union(*(footprint.storage_keys for *_, footprint in found)) if found else set()
     if find_orphans:
-        for path, leaf in _unnamed(known, stats.seen):
-            found.append((path, UNNAMED, leaf))
-            footprints.append(Footprint().add(leaf))
+        found += [(path, UNNAMED, leaf, Footprint().add(leaf)) for path, leaf in _unnamed(known, stats.seen)]
+    footprints = [footprint for *_, footprint in found]
 
     owners: dict[tuple, list[int]] = defaultdict(list)
     for index, footprint in enumerate(footprints):
@@ -118,7 +135,7 @@ def scan_holders(
         explained.merge(footprint)
 
     rows = []
-    for index, ((path, kind, leaf), footprint) in enumerate(zip(found, footprints)):
+    for index, (path, kind, holder, footprint) in enumerate(found):
         shared_keys = [key for key in footprint.storage_keys if len(owners[key]) > 1]
         partners = dict.fromkeys(i for key in shared_keys for i in owners[key] if i != index)
         shared = footprint.restricted_to(shared_keys)
@@ -126,7 +143,7 @@ def scan_holders(
             HolderRow(
                 path=path,
                 kind=kind,
-                type_name=_type_name(leaf),
+                type_name=_type_name(holder),
                 bytes_by_device=footprint.by_device(),
                 shared_by_device=shared.by_device(),
                 shared_with=tuple(found[i][0] for i in partners),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from traitlets import Bool
+from traitlets import Bool, Int
 
 
 @magics_class
@@ -13,6 +13,7 @@ class LLMMagic(Magics):
     """Settings, e.g. `%config LLMMagic.strict = True`."""
 
     strict = Bool(False, help="Refuse a load predicted to put any module on a slower tier (cpu/disk).").tag(config=True)
+    small_holder_bytes = Int(1 << 20, help="%gpustate leaves out holders smaller than this unless --all.").tag(config=True)
 
     @magic_arguments()
     @argument("model_name", nargs="?", help="Model id or local path; bound as MODEL_NAME for the body.")
@@ -80,3 +81,30 @@ class LLMMagic(Magics):
         if result.interrupted:
             raise KeyboardInterrupt
         return result if args.output else None
+
+    @magic_arguments()
+    @argument("--all", action="store_true", dest="include_small", help="Include small holders too.")
+    @argument("--deep", action="store_true", help="Also search unnamed holders through gc (slower on big heaps).")
+    @argument("--json", action="store_true", help="Print the snapshot as JSON (the same numbers).")
+    @argument("-o", "--output", action="store_true", help="Return the snapshot object.")
+    @line_magic
+    def gpustate(self, line: str):
+        """Where accelerator and CPU memory is, and which notebook objects hold it."""
+        import json
+
+        from . import shellrefs
+        from .gpustate import take_snapshot
+        from .render import render_gpustate, show
+
+        args = parse_argstring(self.gpustate, line)
+        state = take_snapshot(
+            shellrefs.visible_names(self.shell),
+            shellrefs.hidden_refs(self.shell),
+            deep=args.deep,
+            small_bytes=0 if args.include_small else self.small_holder_bytes,
+        )
+        if args.json:
+            print(json.dumps(state.to_dict(), ensure_ascii=False, indent=1))
+        else:
+            show(render_gpustate(state))
+        return state if args.output else None

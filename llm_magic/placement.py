@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .tensors import is_module, module_tensors, tensor_storage
+from .units import format_bytes
 from .walk import instance_dict
 
 # Rows that are not accelerators. Anything else ("cuda:0", "xpu:0", "mps") is one.
@@ -115,7 +116,7 @@ class ModelPlacement:
         for device in devices:
             row = self.row(device)
             noun = "module" if row.modules == 1 else "modules"
-            parts.append(f"{row.modules} {noun} ({human_bytes(row.nbytes)}, {row.share:.0%}) on {device}")
+            parts.append(f"{row.modules} {noun} ({format_bytes(row.nbytes)}, {row.share:.0%}) on {device}")
         if "disk" in devices:
             consequence = "generation will be very slow (those weights are read from disk at every step)"
         else:
@@ -132,18 +133,6 @@ class ModelPlacement:
             "hf_device_map": None if self.hf_device_map is None else dict(self.hf_device_map),
             "disk_sources": [source.to_dict() for source in self.disk_sources],
         }
-
-
-def human_bytes(nbytes: int | None) -> str:
-    """Binary units, three significant figures, as the rendered tables write them ("706 KiB")."""
-    if nbytes is None:
-        return "unknown"
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{int(value)} B" if unit == "B" else f"{value:.3g} {unit}"
 
 
 @dataclass(frozen=True)

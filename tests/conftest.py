@@ -75,6 +75,11 @@ def shell():
     yield ip
     if "llm_magic" in ip.extension_manager.loaded:
         ip.run_line_magic("unload_ext", "llm_magic")
+    # The old shell may outlive the test (IPython keeps a few module-level references); drop
+    # what would keep this test's models alive into the next test's gc scans.
+    from llm_magic.shellrefs import clear_exception_state
+
+    clear_exception_state(ip)
     ip.reset(new_session=False)
     InteractiveShell.clear_instance()
     gc.collect()

@@ -1,0 +1,147 @@
+"""The `%gpustate` snapshot: memory per device, who holds it, and what does not add up.
+
+Pure logic: it takes the user's visible roots and the hidden references (release.HiddenRef) as
+arguments. It never initialises CUDA and never allocates on a device (devices.py reads only
+what is already measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from .devices import MemorySnapshot, memory_snapshot
+from .holders import HIDDEN, NAMED, UNNAMED, HolderRow, HolderScan, scan_holders
+from .placement import DiskSource, find_model, model_placement
+from .release import HiddenRef
+from .units import format_bytes
+
+DEFAULT_SMALL_BYTES = 1 << 20  # holders below this are hidden unless --all
+# CUDA allocations that no Python holder explains, above which unnamed holders are searched
+# for automatically (the gc scan is the costly part of a snapshot).
+ORPHAN_TRIGGER_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """Bytes the holders explain on a device, against what the device reports."""
+
+    device: str
+    explained_bytes: int
+    reported_bytes: int | None  # cuda: memory_allocated; cpu: this process's RSS
+    reported_by: str
+
+    @property
+    def unexplained_bytes(self) -> int | None:
+        return None if self.reported_bytes is None else self.reported_bytes - self.explained_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "explained_bytes": self.explained_bytes,
+            "reported_bytes": self.reported_bytes,
+            "reported_by": self.reported_by,
+            "unexplained_bytes": self.unexplained_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class GpuState:
+    memory: MemorySnapshot
+    holders: HolderScan
+    disk: tuple[DiskSource, ...]
+    reconciliation: tuple[Reconciliation, ...]
+    flags: tuple[str, ...]
+    small_bytes: int  # holders below this are left out of the table unless asked
+
+    def shown_holders(self) -> tuple[HolderRow, ...]:
+        """Biggest first; those below `small_bytes` are left out of the table (not the data)."""
+        rows = sorted(self.holders.rows, key=lambda row: (-row.total, row.path))
+        return tuple(row for row in rows if row.total >= self.small_bytes)
+
+    def to_dict(self) -> dict:
+        return {
+            "memory": self.memory.to_dict(),
+            "holders": self.holders.to_dict(),
+            "disk": [source.to_dict() for source in self.disk],
+            "reconciliation": [line.to_dict() for line in self.reconciliation],
+            "flags": list(self.flags),
+            "small_bytes": self.small_bytes,
+        }
+
+
+def _reconcile(memory: MemorySnapshot, explained: dict[str, int]) -> tuple[Reconciliation, ...]:
+    lines = []
+    for device in memory.devices:
+        if device.device == "cpu":
+            lines.append(Reconciliation("cpu", explained.get("cpu", 0), device.rss_bytes, "RSS (the whole process)"))
+        else:
+            lines.append(Reconciliation(device.device, explained.get(device.device, 0), device.allocated_bytes, "memory_allocated"))
+    return tuple(lines)
+
+
+def _cuda_unexplained(lines: Iterable[Reconciliation]) -> int:
+    return sum(max(line.unexplained_bytes or 0, 0) for line in lines if line.device.startswith("cuda"))
+
+
+def _disk_sources(visible: Sequence[tuple[str, Any]], rows: Sequence[HolderRow]) -> tuple[DiskSource, ...]:
+    """Files that loaded models read offloaded weights from, each once."""
+    sources: dict[str, DiskSource] = {}
+    for path, value in visible:
+        model = find_model(value)
+        if model is None:
+            continue
+        try:
+            placement = model_placement(model, path)
+        except Exception:
+            continue
+        for source in placement.disk_sources:
+            sources.setdefault(source.path, source)
+    return tuple(sources.values())
+
+
+def _flags(rows: Sequence[HolderRow], disk: Sequence[DiskSource], small_bytes: int) -> tuple[str, ...]:
+    flags = []
+    for row in rows:
+        if row.kind == NAMED or row.total < small_bytes:
+            continue
+        # Memory behind a stale copy: only free if no named holder shares the storage.
+        sole = {d: n - row.shared_by_device.get(d, 0) for d, n in row.bytes_by_device.items()}
+        for device, count in sorted(sole.items()):
+            if count <= 0:
+                continue
+            who = "only by " + row.path if row.kind == HIDDEN else f"by an {row.path} (no name reaches it)"
+            fix = "`%llmfree --hidden`" if row.kind == HIDDEN else "`%llmfree --hidden` after finding who keeps it (gc.get_referrers)"
+            flags.append(f"{format_bytes(count)} on {device} held {who} — {fix}")
+    if disk:
+        flags.append(
+            f"{len(disk)} disk location(s) serve offloaded weights ({format_bytes(sum(s.nbytes or 0 for s in disk))}): "
+            "generation reads them at every step — free memory and reload with %%llmload"
+        )
+    return tuple(flags)
+
+
+def take_snapshot(
+    visible: Iterable[tuple[str, Any]],
+    hidden: Sequence[HiddenRef],
+    *,
+    deep: bool = False,
+    small_bytes: int = DEFAULT_SMALL_BYTES,
+) -> GpuState:
+    """Measure memory, find every holder, reconcile the two, and flag what looks wrong.
+
+    Unnamed holders (found through gc) are searched with `deep`, or automatically when CUDA
+    reports allocations that no named or hidden holder explains.
+    """
+    visible = list(visible)
+    memory = memory_snapshot()
+    scan = scan_holders(visible, hidden, find_orphans=deep)
+    lines = _reconcile(memory, scan.explained_by_device)
+    if not deep and _cuda_unexplained(lines) > ORPHAN_TRIGGER_BYTES:
+        scan = scan_holders(visible, hidden, find_orphans=True)
+        lines = _reconcile(memory, scan.explained_by_device)
+    disk = _disk_sources(visible, scan.rows)
+    return GpuState(memory, scan, disk, lines, _flags(scan.rows, disk, small_bytes), small_bytes)
+
+
+__all__ = ["GpuState", "Reconciliation", "take_snapshot", "NAMED", "HIDDEN", "UNNAMED"]
