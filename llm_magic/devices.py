@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Mapping
 
 from .tensors import loaded_torch
 
@@ -216,6 +216,105 @@ def _nvml_bytes(value: Any) -> int | None:
     return value if type(value) is int and 0 <= value < 2**63 else None
 
 
+# ---------------------------------------------------------------------------------------------
+# The budget of a `device_map="auto"` load
+#
+# `loader_budget` is the one place that knows how each transformers version turns free memory
+# into the budget its placement gets; `preflight.transformers_budget`, `autoload_budget` and
+# `loader_max_memory` all call it. It lives here, beside the figures it is computed from, because
+# this module is light (no torch, no transformers at import) and the pre-flight already depends
+# on it, not the reverse.
+
+
+def loader_budget(
+    free: Mapping[str, int | None],
+    cached_unused: Mapping[str, int] | None = None,
+    *,
+    transformers_version: str | tuple[int, int] | None = None,
+    sequential: bool = False,
+) -> dict[str, int | None]:
+    """Bytes per device `from_pretrained(device_map=...)` gives its placement when the user sets no `max_memory`.
+
+    `free`: per device name ("cuda:0", "cpu"), the bytes the load will find: on a GPU the driver's
+    free memory plus PyTorch's cached-but-unused memory (both versions add that cache), on the
+    cpu psutil's available RAM. None: unknown, and so is that device's budget. Leave "cpu" out
+    on integrated GPUs (host RAM is the GPU's memory: accelerate gives the cpu no budget).
+    `cached_unused`: the part of a GPU's `free` that is PyTorch's cache; only 4.x treats it apart.
+    `sequential`: `device_map="sequential"`, which skips `get_balanced_memory` and its 90% cut.
+
+    The rules (read in the code of transformers 4.57 and 5.23, accelerate 1.15):
+    - 5.x `integrations.accelerate.get_max_memory`: driver free + cache per GPU, 90% of the cpu;
+      then its `get_balanced_memory` takes 90% of the first GPU when exactly one GPU has a
+      positive figure.
+    - 4.57 `modeling_utils._get_device_map`: accelerate's `get_balanced_memory` on driver free
+      alone (90% of the first GPU when exactly one has driver memory left), then the cache is
+      added; the cpu at 100% of available.
+    Balancing across several GPUs comes later and depends on the model: not done here. The
+    result, passed back as `max_memory`, makes both versions place exactly as they would have
+    (neither scales a user's `max_memory`). Quantizers' `adjust_max_memory` is not applied.
+    Keys: the accelerators in ordinal order, then "cpu" when `free` has it.
+    """
+    cached = cached_unused or {}
+    v5 = _major(transformers_version) >= 5
+    accelerators = sorted((d for d in free if d not in ("cpu", "disk", "meta")), key=lambda d: (len(d), d))
+
+    def counted(device: str) -> int | None:
+        value = free[device]
+        return value if value is None or v5 else value - cached.get(device, 0)
+
+    # get_balanced_memory counts GPUs with a positive figure (an unknown one takes part) and
+    # cuts the first GPU key, whichever that is.
+    single = not sequential and sum(1 for d in accelerators if counted(d) is None or counted(d) > 0) == 1
+    budget: dict[str, int | None] = {}
+    for index, device in enumerate(accelerators):
+        figure = counted(device)
+        if figure is None:
+            budget[device] = None
+            continue
+        cut = int(figure * 0.9) if single and index == 0 else figure
+        budget[device] = cut if v5 else cut + cached.get(device, 0)
+    if "cpu" in free:
+        available = free["cpu"]
+        budget["cpu"] = None if available is None else (int(available * 0.9) if v5 else available)
+    return budget
+
+
+def free_after_release(
+    snapshot: MemorySnapshot,
+    freed: Mapping[str, int] | None = None,
+    *,
+    empty_cache: bool = True,
+) -> tuple[dict[str, int | None], dict[str, int]]:
+    """(free, cached_unused) per device name once the release step has freed `freed`, for `preflight.predict`.
+
+    `freed`: bytes the release will free per device ("cuda:0", "cpu"). `empty_cache`: the release
+    hands PyTorch's cached blocks back to the driver (`release.collect_garbage` does whenever CUDA
+    is initialised), so every GPU's cache counts as driver-free and `cached_unused` is 0. False:
+    the cache the snapshot shows stays cached (what `autoload_budget` models).
+
+    Every GPU the load would use gets an entry. One whose free memory is unknown (CUDA not
+    initialised in this process, or nothing of ours on it yet: measuring would create a context)
+    gets None: `predict` then says its `device_map="auto"` placement is unknown, while a plain
+    cpu load or an explicit map is still predicted. Without torch or CUDA only "cpu" is there.
+    Freed RAM is counted as returned to the system; small allocations may stay in the allocator.
+    """
+    freed = freed or {}
+    free: dict[str, int | None] = {}
+    cached: dict[str, int] = {}
+    for index in range(snapshot.cuda_device_count or 0):
+        name = f"cuda:{index}"
+        row = snapshot.device(name)
+        if row is None or row.free_bytes is None or row.reserved_unused_bytes is None:
+            free[name] = None
+            continue
+        free[name] = row.free_bytes + row.reserved_unused_bytes + freed.get(name, 0)
+        cached[name] = 0 if empty_cache else row.reserved_unused_bytes
+    cpu = snapshot.device("cpu")
+    if cpu is not None:
+        free["cpu"] = None if cpu.free_bytes is None else cpu.free_bytes + freed.get("cpu", 0)
+    return free, cached
+
+
 def autoload_budget(
     snapshot: MemorySnapshot,
     extra_free: dict[str, int] | None = None,
@@ -228,53 +327,48 @@ def autoload_budget(
     cannot be known without creating a CUDA context (CUDA not initialised, or nothing of this
     process on that GPU yet); the load will also pay for that context there. `extra_free` is what
     the release step will free first, per device name ("cuda:0", "cpu"); freed GPU memory is
-    counted as returned to the driver (empty_cache), the smaller of the two budgets on 4.x.
-
-    This is the budget before layers are balanced across several GPUs: that step depends on the
-    model (`get_balanced_memory` caps all but the last GPU near model size / GPU count). Passing
-    this dict as `max_memory` to the installed helpers reproduces the load's own budget, since
-    neither version scales a user `max_memory`. Quantizers (`adjust_max_memory`) are not applied.
+    counted as returned to the driver while the cache the snapshot shows stays cached, the
+    smaller of the possible budgets on 4.x. The rules: `loader_budget`.
     """
-    extra_free = extra_free or {}
-    v5 = _major(transformers_version) >= 5
-    gpus: dict[int, tuple[int, int] | None] = {}  # ordinal -> (driver free, reserved - allocated)
-    for index in range(snapshot.cuda_device_count or 0):
-        row = snapshot.device(f"cuda:{index}")
-        if row is None or row.free_bytes is None or row.reserved_unused_bytes is None:
-            gpus[index] = None
-        else:
-            gpus[index] = (row.free_bytes + extra_free.get(row.device, 0), row.reserved_unused_bytes)
-    # get_balanced_memory keeps 10% back only when one GPU takes part (and the user set nothing);
-    # it counts GPUs with a positive figure: free + unused in 5.x, driver free alone in 4.57.
-    single = sum(1 for f in gpus.values() if f is None or (f[0] + f[1] if v5 else f[0]) > 0) == 1
-
-    budget: dict[int | str, int | None] = {}
-    for index, figures in gpus.items():
-        if figures is None:
-            budget[index] = None
-            continue
-        free, unused = figures
-        if v5:
-            # 5.x integrations/accelerate.py: get_max_memory adds the allocator's unused cache
-            # to accelerate's free figure, then get_balanced_memory takes 90% on a single GPU.
-            budget[index] = int((free + unused) * 0.9) if single else free + unused
-        else:
-            # 4.57 modeling_utils._get_device_map: accelerate's get_balanced_memory takes 90% of
-            # driver free on a single GPU, and the unused cache is added after that.
-            budget[index] = (int(free * 0.9) if single else free) + unused
-
-    cpu = snapshot.device("cpu")
-    integrated = any(row.integrated for row in snapshot.cuda_devices)
-    # accelerate.utils.modeling.get_max_memory gives no "cpu" entry on integrated CUDA devices
-    # (host RAM is the GPU's memory); otherwise the cpu gets psutil's available memory.
-    if cpu is not None and not integrated:
-        available = None if cpu.free_bytes is None else cpu.free_bytes + extra_free.get("cpu", 0)
-        # 5.x get_max_memory keeps 10% of RAM back when the user set no max_memory; 4.57 does not.
-        budget["cpu"] = None if available is None else (int(available * 0.9) if v5 else available)
-    return budget
+    free, cached = free_after_release(snapshot, extra_free, empty_cache=False)
+    return _as_accelerate_keys(snapshot, free, cached, transformers_version, False)
 
 
-def _major(version: str | None) -> int:
+def loader_max_memory(
+    snapshot: MemorySnapshot,
+    *,
+    transformers_version: str | None = None,
+    sequential: bool = False,
+) -> dict[int | str, int] | None:
+    """An explicit `max_memory` for `from_pretrained(device_map="auto")`, from a snapshot taken after the release.
+
+    Equal to the budget the load would compute itself in a fresh process with the same free
+    memory: PyTorch's cache counts as free (a fresh process has none; the release empties it),
+    and the installed version's margins apply (`loader_budget`). Passed as `max_memory`, it gives
+    the placement the load gives without one, so what the process held before cannot shift it.
+
+    None when a figure is unknown (CUDA not initialised here, or a GPU this process holds nothing
+    on): pass no `max_memory` then. This process holds no memory on such GPUs, so the load's
+    own measurement there is already a fresh process's.
+    """
+    free, cached = free_after_release(snapshot, empty_cache=True)
+    budget = _as_accelerate_keys(snapshot, free, cached, transformers_version, sequential)
+    if any(value is None for value in budget.values()):
+        return None
+    return budget  # type: ignore[return-value]
+
+
+def _as_accelerate_keys(snapshot, free, cached, version, sequential) -> dict[int | str, int | None]:
+    # accelerate's get_max_memory gives no "cpu" entry on integrated CUDA devices.
+    if any(row.integrated for row in snapshot.cuda_devices):
+        free = {name: value for name, value in free.items() if name != "cpu"}
+    budget = loader_budget(free, cached, transformers_version=version, sequential=sequential)
+    return {(int(name[5:]) if name.startswith("cuda:") else name): value for name, value in budget.items()}
+
+
+def _major(version: str | tuple[int, int] | None) -> int:
+    if isinstance(version, tuple):
+        return version[0]
     if version is None:
         import transformers
 

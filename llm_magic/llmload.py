@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 from . import autoload, cellcode, shellrefs
 from .release import Binding, ReleaseResult, Target, release
-from .report import Holder, LoadReport
-from .tensors import find_tensor_holders, footprint_of, holds_tensors, is_module
+from .report import Holder, LoadReport, PredictedLoad
+from .tensors import Footprint, find_tensor_holders, footprint_of, holds_tensors, is_module
+from .units import format_by_device, format_bytes
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,34 @@ def _is_empty(source: str) -> bool:
     return not any(line.strip() and not line.strip().startswith("#") for line in source.splitlines())
 
 
-def plan_body(shell, options: LoadOptions, cell: str | None) -> tuple[list[cellcode.TargetPath], Callable[[], Any]]:
-    """(targets the run will assign, a function that runs it). Raises before any change."""
+@dataclass
+class BodyPlan:
+    targets: list[cellcode.TargetPath]  # what the run will assign
+    run: Callable[[], Any]  # runs the body (or the default loader)
+    load_calls: list  # callspec.LoadCall for each model `from_pretrained` in it
+
+
+def plan_body(shell, options: LoadOptions, cell: str | None) -> BodyPlan:
+    """Read the body (or the options of the default loader). Raises before any change."""
+    from .callspec import find_load_calls, load_call
+
     if cell is None or _is_empty(cell):
         targets = [cellcode.parse_target(options.model_var)]
         if options.tokenizer_var:
             targets.insert(0, cellcode.parse_target(options.tokenizer_var))
         dtype = autoload.parse_dtype(options.dtype)  # a bad dtype fails here, before release
         device_map = autoload.parse_device_map(options.device_map)
-        return targets, lambda: _run_default_loader(shell, options, dtype, device_map)
+        arguments = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
+        if device_map is not None:
+            arguments["device_map"] = device_map
+        call = load_call(options.model_name, "AutoModelForCausalLM", **arguments)
+        return BodyPlan(targets, lambda: _run_default_loader(shell, options, dtype, device_map), [call])
     source = shell.transform_cell(cell)
     tree = cellcode.parse_body(source)
-    return cellcode.assignment_targets(tree), lambda: _run_body(shell, source, tree)
+    # MODEL_NAME is bound only once the release is done; the prediction needs it now.
+    namespace = {**shell.user_ns, "MODEL_NAME": options.model_name}
+    calls = [call for call in find_load_calls(source, namespace) if call.is_model]
+    return BodyPlan(cellcode.assignment_targets(tree), lambda: _run_body(shell, source, tree), calls)
 
 
 def _run_body(shell, source: str, tree: ast.Module) -> Any:
@@ -73,17 +90,22 @@ def _run_body(shell, source: str, tree: ast.Module) -> Any:
 
 
 def _run_default_loader(shell, options: LoadOptions, dtype: Any, device_map: Any) -> None:
+    from .devices import loader_max_memory, memory_snapshot
+
     trust = options.trust_remote_code
     if options.tokenizer_var:
         shell.user_ns[options.tokenizer_var] = autoload.load_tokenizer(options.model_name, trust_remote_code=trust)
+    # Measured now, after the release: the placement must not depend on what happened to be
+    # alive while the call was evaluated. None (a GPU not yet measured) lets the load measure.
+    max_memory = loader_max_memory(memory_snapshot(), sequential=device_map == "sequential") if device_map in ("auto", "sequential") else None
     shell.user_ns[options.model_var] = autoload.load_causal_lm(
-        options.model_name, dtype=dtype, device_map=device_map, trust_remote_code=trust
+        options.model_name, dtype=dtype, device_map=device_map, max_memory=max_memory, trust_remote_code=trust
     )
 
 
-def release_targets(shell, paths: list[cellcode.TargetPath], *, release_all: bool = False) -> ReleaseResult:
-    """Release the current values at `paths` that hold tensors (and, with release_all, every
-    tensor holder the user can see), with every hidden copy of them.
+def collect_targets(shell, paths: list[cellcode.TargetPath], *, release_all: bool = False) -> list[Target]:
+    """The current values at `paths` that hold tensors (and, with release_all, every tensor
+    holder the user can see), as release targets.
 
     An object under several targets (`model`, `box.model`) is one release with all of its
     bindings dropped.
@@ -105,10 +127,7 @@ def release_targets(shell, paths: list[cellcode.TargetPath], *, release_all: boo
         binding = Binding(path.text, cellcode.unbinder(path, namespace))
         if all(b.label != binding.label for b in grouped[id(value)][2]):
             grouped[id(value)][2].append(binding)
-    targets = [Target(label, value, tuple(bindings)) for label, value, bindings in grouped.values()]
-    grouped.clear()
-    value = None
-    return release(targets, shellrefs.hidden_refs(shell), lambda: shellrefs.naming_roots(shell))
+    return [Target(label, value, tuple(bindings)) for label, value, bindings in grouped.values()]
 
 
 def bound_models(shell, paths: list[cellcode.TargetPath]) -> list[tuple[str, Any]]:
@@ -139,40 +158,106 @@ def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> tuple[H
     return tuple(kept)
 
 
+class StrictRefusal(RuntimeError):
+    """`--strict` refused a load predicted to land on a slower tier. Nothing was changed."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback: the message is the whole story.
+        return [f"StrictRefusal: {self}"]
+
+
+def _predict(shell, calls: list, targets: list[Target], snapshot) -> tuple[PredictedLoad, ...]:
+    """Each model load predicted with the memory that will be free after the release."""
+    from .devices import free_after_release
+    from .preflight import predict
+
+    freed = Footprint().add_all(leaf for target in targets for _, leaf in find_tensor_holders([("", target.value)]))
+    free, cached_unused = free_after_release(snapshot, freed.by_device())
+    return tuple(PredictedLoad(call.target, predict(call, free, cached_unused=cached_unused)) for call in calls)
+
+
+def _strict_message(shell, options: LoadOptions, predictions, targets: list[Target], snapshot) -> str | None:
+    slow = [p for p in predictions if p.prediction.slower_tier]
+    if not slow:
+        return None
+    lines = []
+    for item in slow:
+        p = item.prediction
+        where = ", ".join(f"{format_bytes(n)} on {d}" for d, n in sorted((p.bytes_by_device or {}).items()) if d != p.best_device)
+        missing = f"{format_bytes(p.missing_bytes)} more {p.missing_bytes_of}" if p.missing_bytes is not None else "more memory (how much is unknown)"
+        lines.append(f"{item.target or options.model_name}: predicted {where} (slower than {p.best_device}); it needs {missing}")
+    replaced = {binding.label for target in targets for binding in target.bindings}
+    kept = [holder for holder in kept_holders(shell, []) if holder.path not in replaced]
+    if kept:
+        lines.append("memory is held by: " + "; ".join(f"{h.path} ({format_by_device(h.bytes_by_device)})" for h in kept[:5]))
+    for device in snapshot.cuda_devices:
+        if device.other_bytes:
+            lines.append(f"other processes and the CUDA context hold {format_bytes(device.other_bytes)} on {device.device}")
+    return "strict mode refused the load (nothing was released or loaded): " + " | ".join(lines)
+
+
 def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     from .devices import memory_snapshot
+    from .headroom import generation_headroom
     from .placement import model_placement
 
-    paths, run = plan_body(shell, options, cell)
+    plan = plan_body(shell, options, cell)
     memory_before = memory_snapshot()
-    released = release_targets(shell, paths, release_all=options.release_all)
-    shell.user_ns["MODEL_NAME"] = options.model_name
+    targets = collect_targets(shell, plan.targets, release_all=options.release_all)
+    predictions = _predict(shell, plan.load_calls, targets, memory_before)
+    hidden, naming = shellrefs.hidden_refs(shell), lambda: shellrefs.naming_roots(shell)
 
+    if options.strict:
+        refusal = _strict_message(shell, options, predictions, targets, memory_before)
+        if refusal:
+            targets.clear()
+            raise StrictRefusal(refusal)
+    if options.dry_run:
+        released = release(targets, hidden, naming, dry_run=True)
+        warnings = [w for p in predictions for w in _prediction_warnings(p)]
+        report = LoadReport(options.model_name, released, predictions=predictions, memory_before=memory_before, warnings=tuple(warnings), dry_run=True)
+        return LoadOutcome(report)
+
+    released = release(targets, hidden, naming)
+    shell.user_ns["MODEL_NAME"] = options.model_name
     error, value = None, None
     if released.interrupted:
         error = KeyboardInterrupt()
     else:
         try:
-            value = run()
+            value = plan.run()
         except BaseException as exc:  # noqa: BLE001 - shown, then re-raised by the magic
             error = _without_own_frames(exc)
 
-    models = bound_models(shell, paths)
+    memory_after = memory_snapshot()
+    models = bound_models(shell, plan.targets)
     placements = tuple(model_placement(model, name) for name, model in models)
+    headroom = tuple(generation_headroom(model, name, memory_after, batch=options.batch) for name, model in models)
     kept = kept_holders(shell, [model for _, model in models])
     del models
-    warnings = _warnings(released, placements)
     report = LoadReport(
         model_name=options.model_name,
         released=released,
         models=placements,
         kept=kept,
         memory_before=memory_before,
-        memory_after=memory_snapshot(),
-        warnings=tuple(warnings),
+        memory_after=memory_after,
+        predictions=predictions,
+        headroom=headroom,
+        warnings=tuple(_warnings(released, placements)),
         error=None if error is None else f"{type(error).__name__}: {error}".splitlines()[0][:300],
     )
     return LoadOutcome(report, error, value)
+
+
+def _prediction_warnings(item: PredictedLoad) -> list[str]:
+    p = item.prediction
+    warnings = [f"predicted: {message}" for message in p.will_raise]
+    if p.slower_tier:
+        where = ", ".join(f"{format_bytes(n)} on {d}" for d, n in sorted((p.bytes_by_device or {}).items()) if d != p.best_device)
+        missing = f"; {p.best_device} needs {format_bytes(p.missing_bytes)} more" if p.missing_bytes else ""
+        warnings.append(f"predicted: {item.target or 'the model'} would put {where}{missing}")
+    return warnings
 
 
 def _without_own_frames(error: BaseException) -> BaseException:

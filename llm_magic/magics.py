@@ -24,6 +24,9 @@ class LLMMagic(Magics):
     @argument("--device-map", default="auto", help="Empty body: device_map (auto, cpu, cuda:0, none; default: auto).")
     @argument("--trust-remote-code", action="store_true", help="Empty body: pass trust_remote_code=True (off unless given).")
     @argument("--release-all", action="store_true", help="Also release every other object in the namespace that holds tensors.")
+    @argument("--dry-run", action="store_true", help="Predict placement (and what would be released); release and load nothing.")
+    @argument("--strict", action="store_true", help="Refuse, before reading weights, a load predicted to use a slower tier (cpu/disk).")
+    @argument("--batch", type=int, default=1, help="Batch size for the generation-headroom figure (default: 1).")
     @argument("-o", "--output", action="store_true", help="Return the report object.")
     @line_cell_magic
     def llmload(self, line: str, cell: str | None = None):
@@ -50,7 +53,12 @@ class LLMMagic(Magics):
             device_map=args.device_map,
             trust_remote_code=args.trust_remote_code,
             release_all=args.release_all,
+            dry_run=args.dry_run,
+            strict=args.strict or self.strict,
+            batch=args.batch,
         )
+        if options.batch < 1:
+            raise UsageError("--batch must be at least 1")
         try:
             outcome = run_llmload(self.shell, options, cell)
         except (CellSyntaxError, ValueError) as error:

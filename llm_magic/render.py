@@ -14,25 +14,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .units import format_bytes
+from .units import device_sort_key, format_by_device, format_bytes
 
 WARN = "bold red"
 OK = "green"
 DIM = "dim"
-DEVICE_ORDER = ("cuda", "mps", "xpu", "cpu", "disk", "meta")
-
-
-def device_sort_key(device: str) -> tuple:
-    kind, _, index = device.partition(":")
-    rank = DEVICE_ORDER.index(kind) if kind in DEVICE_ORDER else len(DEVICE_ORDER)
-    return (rank, int(index) if index.isdigit() else 0, device)
-
-
-def format_by_device(bytes_by_device: dict[str, int]) -> str:
-    if not bytes_by_device:
-        return "0 B"
-    ordered = sorted(bytes_by_device, key=device_sort_key)
-    return ", ".join(f"{format_bytes(bytes_by_device[d])} {d}" for d in ordered)
 
 
 def _table(title: str, *columns: tuple[str, str]) -> Table:
@@ -126,17 +112,48 @@ def warnings_panel(warnings: Iterable[str]) -> Panel | None:
     return Panel(body, title="Warning", title_align="left", border_style="red", box=box.HEAVY)
 
 
+def prediction_table(item) -> Table | Text:
+    p = item.prediction
+    name = item.target or p.model_id or "model"
+    if p.status != "ok" or not p.bytes_by_device:
+        why = "; ".join(p.notes) or p.status
+        return Text(f"Predicted placement of {name}: unknown ({why})", style=DIM)
+    title = f"Predicted placement of {name}: {p.model_class}, {format_bytes(p.total_bytes)} in {p.dtype}"
+    table = _table(title, ("device", "left"), ("modules", "right"), ("bytes", "right"), ("share", "right"))
+    counts: dict[str, int] = {}
+    for device in (p.device_map or {}).values():
+        counts[device] = counts.get(device, 0) + 1
+    for device in sorted(p.bytes_by_device, key=device_sort_key):
+        nbytes = p.bytes_by_device[device]
+        style = WARN if p.best_device and device != p.best_device else None
+        share = nbytes / p.total_bytes if p.total_bytes else 0.0
+        table.add_row(device, str(counts.get(device, "")), format_bytes(nbytes), f"{share:.0%}", style=style)
+    notes = [n for n in p.notes if n]
+    if notes:
+        table.caption = "; ".join(notes)
+        table.caption_justify = "left"
+    return table
+
+
+def _predicted_for(report, name: str) -> dict[str, int] | None:
+    for item in report.predictions:
+        if item.target == name and item.prediction.status == "ok":
+            return item.prediction.bytes_by_device
+    return None
+
+
 def render_load_report(report) -> Group:
     parts: list[Any] = []
-    heading = f"%%llmload {report.model_name}" + ("  (dry run: nothing loaded)" if report.dry_run else "")
+    heading = f"%%llmload {report.model_name}" + ("  (dry run: nothing released, nothing loaded)" if report.dry_run else "")
     parts.append(Text(heading, style="bold cyan"))
     parts.append(warnings_panel(report.warnings))
     parts.append(released_table(report.released))
-    predicted = getattr(report.prediction, "bytes_by_device", None)
+    if report.dry_run:
+        parts.extend(prediction_table(item) for item in report.predictions)
     for placement in report.models:
-        parts.append(placement_table(placement, predicted))
-    for line in report.headroom:
-        parts.append(Text(str(line)))
+        parts.append(placement_table(placement, _predicted_for(report, placement.name)))
+    for headroom in report.headroom:
+        parts.append(Text(f"Generation headroom: {headroom}", style="bold"))
     parts.append(kept_table(report.kept))
     parts.append(memory_table(report.memory_before, report.memory_after))
     if report.error:

@@ -38,6 +38,17 @@ class Holder:
 
 
 @dataclass(frozen=True)
+class PredictedLoad:
+    """The pre-flight prediction for one model `from_pretrained` call of the cell."""
+
+    target: str | None  # what the call is assigned to ("model"), as written
+    prediction: Any  # preflight.Prediction
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "prediction": self.prediction.to_dict()}
+
+
+@dataclass(frozen=True)
 class LoadReport:
     model_name: str
     released: ReleaseResult = field(default_factory=ReleaseResult)
@@ -45,8 +56,8 @@ class LoadReport:
     kept: tuple[Holder, ...] = ()  # tensor holders still in the namespace, not replaced
     memory_before: Any = None  # devices.MemorySnapshot
     memory_after: Any = None
-    prediction: Any = None  # preflight.Prediction, when a pre-flight ran
-    headroom: tuple = ()  # generation headroom per model
+    predictions: tuple[PredictedLoad, ...] = ()  # one per model load call, made before the release
+    headroom: tuple = ()  # headroom.Headroom per model
     warnings: tuple[str, ...] = ()
     error: str | None = None  # the body's exception, one line
     dry_run: bool = False
@@ -59,7 +70,7 @@ class LoadReport:
             "kept": _as_dict(self.kept),
             "memory_before": _as_dict(self.memory_before),
             "memory_after": _as_dict(self.memory_after),
-            "prediction": _as_dict(self.prediction),
+            "predictions": _as_dict(self.predictions),
             "headroom": _as_dict(self.headroom),
             "warnings": list(self.warnings),
             "error": self.error,

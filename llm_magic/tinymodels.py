@@ -90,6 +90,7 @@ def build_tiny_model(
 
     `dtype` is the dtype the weights are saved in (and recorded in the config), so tests can
     tell transformers 5's "load in the checkpoint's dtype" from 4.x's "float32 by default".
+    `safe_serialization=False` writes `pytorch_model.bin` and no safetensors, in every version.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -101,6 +102,12 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(config)
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(path, safe_serialization=safe_serialization)
+    safetensors_file = path / "model.safetensors"
+    if not safe_serialization and safetensors_file.exists():
+        # transformers 5 ignores safe_serialization=False. Write what 4.x writes: torch.save of
+        # the whole state dict, tied weights under every name, sharing one storage.
+        safetensors_file.unlink()
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
     if with_tokenizer:
         build_tiny_tokenizer(config.vocab_size).save_pretrained(path)
     return path

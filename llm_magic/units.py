@@ -14,3 +14,21 @@ def format_bytes(count: int | None) -> str:
             break
         value /= 1024
     return f"{sign}{int(value)} B" if unit == "B" else f"{sign}{value:.3g} {unit}"
+
+
+DEVICE_ORDER = ("cuda", "mps", "xpu", "cpu", "disk", "meta")
+
+
+def device_sort_key(device: str) -> tuple:
+    """Accelerators by index, then cpu, then disk: fastest tier first."""
+    kind, _, index = device.partition(":")
+    rank = DEVICE_ORDER.index(kind) if kind in DEVICE_ORDER else len(DEVICE_ORDER)
+    return (rank, int(index) if index.isdigit() else 0, device)
+
+
+def format_by_device(bytes_by_device: dict[str, int]) -> str:
+    """'1.2 GiB cuda:0, 300 MiB cpu'."""
+    if not bytes_by_device:
+        return "0 B"
+    ordered = sorted(bytes_by_device, key=device_sort_key)
+    return ", ".join(f"{format_bytes(bytes_by_device[d])} {d}" for d in ordered)

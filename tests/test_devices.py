@@ -20,6 +20,9 @@ from llm_magic.devices import (
     MemorySnapshot,
     _with_gpu_processes,
     autoload_budget,
+    free_after_release,
+    loader_budget,
+    loader_max_memory,
     memory_snapshot,
 )
 
@@ -270,6 +273,104 @@ def test_budget_rules_per_version():
 def test_budget_with_nothing_measured():
     cpu = DeviceMemory("cpu", "RAM", 64 * GiB, None)
     assert autoload_budget(MemorySnapshot((cpu,), CUDA_NO_TORCH, None, "not queried")) == {"cpu": None}
+
+
+def gpu_snapshot(*gpus, count=None, integrated=False, state=CUDA_MEASURED) -> MemorySnapshot:
+    """GPUs as (driver free, allocated, reserved), or None for a GPU not measured; then 32 GiB of RAM."""
+    rows = [
+        DeviceMemory(f"cuda:{i}", "GPU", 80 * GiB, None, 0, 0, integrated=integrated)
+        if figures is None
+        else DeviceMemory(f"cuda:{i}", "GPU", 80 * GiB, *figures, integrated=integrated)
+        for i, figures in enumerate(gpus)
+    ]
+    rows.append(DeviceMemory("cpu", "RAM", 64 * GiB, 32 * GiB))
+    return MemorySnapshot(tuple(rows), state, len(gpus) if count is None else count, "not installed")
+
+
+def test_free_after_release_for_predict():
+    one = gpu_snapshot((10 * GiB, 1 * GiB, 3 * GiB))  # 2 GiB cached but unused
+    freed = {"cuda:0": 4 * GiB, "cpu": GiB}
+    # The release empties PyTorch's cache: all of it is driver-free memory again.
+    assert free_after_release(one, freed) == ({"cuda:0": 16 * GiB, "cpu": 33 * GiB}, {"cuda:0": 0})
+    assert free_after_release(one, freed, empty_cache=False) == (
+        {"cuda:0": 16 * GiB, "cpu": 33 * GiB},
+        {"cuda:0": 2 * GiB},
+    )
+    # A GPU the load will use but that nobody measured: unknown, never left out (left out, it
+    # would make the pre-flight believe the machine has no GPU).
+    not_initialised = MemorySnapshot((one.devices[-1],), CUDA_NOT_INITIALISED, 2, "not queried")
+    assert free_after_release(not_initialised) == ({"cuda:0": None, "cuda:1": None, "cpu": 32 * GiB}, {})
+    cpu_only = MemorySnapshot((one.devices[-1],), CUDA_UNAVAILABLE, 0, "not queried")
+    assert free_after_release(cpu_only, {"cpu": GiB}) == ({"cpu": 33 * GiB}, {})
+
+
+def test_loader_max_memory_counts_the_cache_as_free():
+    """A fresh process has no PyTorch cache: its memory is driver-free there, cut like the rest."""
+    one = gpu_snapshot((10 * GiB, 1 * GiB, 3 * GiB))
+    assert loader_max_memory(one, transformers_version="5.23.0") == {0: int(12 * GiB * 0.9), "cpu": int(32 * GiB * 0.9)}
+    assert loader_max_memory(one, transformers_version="4.57.6") == {0: int(12 * GiB * 0.9), "cpu": 32 * GiB}
+    # What the load computes itself, in this process, keeps 4.57's cache outside the cut.
+    assert autoload_budget(one, transformers_version="4.57.6")[0] == int(10 * GiB * 0.9) + 2 * GiB
+    # sequential skips get_balanced_memory and its 90%; 5.x still keeps 10% of the cpu.
+    assert loader_max_memory(one, transformers_version="5.23.0", sequential=True) == {
+        0: 12 * GiB,
+        "cpu": int(32 * GiB * 0.9),
+    }
+    # Integrated GPUs share host RAM: accelerate gives the cpu no budget.
+    shared = gpu_snapshot((10 * GiB, 0, 0), integrated=True)
+    assert loader_max_memory(shared, transformers_version="5.23.0") == {0: int(10 * GiB * 0.9)}
+    # Not measurable without creating a context: pass no max_memory (the load measures, cleanly).
+    assert loader_max_memory(gpu_snapshot((10 * GiB, 0, 2 * MiB), None)) is None
+    assert loader_max_memory(MemorySnapshot(one.devices[-1:], CUDA_NOT_INITIALISED, 1, "not queried")) is None
+
+
+def test_loader_budget_counts_gpus_like_each_version():
+    # Driver memory gone but 1 GiB cached: 5.x sees a GPU with memory, 4.57's count does not, so
+    # 4.57 has one GPU taking part and cuts the first key (cuda:0), whichever holds memory.
+    free = {"cuda:0": GiB, "cuda:1": 10 * GiB, "cpu": 100}
+    cached = {"cuda:0": GiB}
+    assert loader_budget(free, cached, transformers_version="5.23.0") == {"cuda:0": GiB, "cuda:1": 10 * GiB, "cpu": 90}
+    assert loader_budget(free, cached, transformers_version="4.57.6") == {"cuda:0": GiB, "cuda:1": 10 * GiB, "cpu": 100}
+    alone = {"cuda:0": 0, "cuda:1": 10 * GiB, "cpu": 100}
+    assert loader_budget(alone, transformers_version="5.23.0")["cuda:1"] == 10 * GiB  # the cut fell on cuda:0
+    assert loader_budget({"cuda:0": None, "cpu": None}, transformers_version="5.23.0") == {"cuda:0": None, "cpu": None}
+
+
+@pytest.mark.parametrize("device_map", ["auto", "sequential"])
+def test_loader_max_memory_reproduces_the_load(tiny_model, monkeypatch, device_map):
+    """Given as max_memory, the computed budget gives the placement of a load left to itself."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_magic.placement import model_placement
+
+    pin_available_ram(monkeypatch, 500_000)  # too little for the tiny model: a cpu + disk split
+    max_memory = loader_max_memory(memory_snapshot(), sequential=device_map == "sequential")
+    seen = spy_on_the_loader_budget(monkeypatch)
+    by_itself = AutoModelForCausalLM.from_pretrained(tiny_model, device_map=device_map)
+    told = AutoModelForCausalLM.from_pretrained(tiny_model, device_map=device_map, max_memory=max_memory)
+
+    assert seen[0] == seen[1] == max_memory
+    assert set(told.hf_device_map.values()) == {"cpu", "disk"}
+    assert by_itself.hf_device_map == told.hf_device_map
+    assert model_placement(by_itself, "m").rows == model_placement(told, "m").rows
+
+
+def test_loader_max_memory_on_a_cpu_that_holds_everything(tiny_model, monkeypatch):
+    """A single-device load (5.x sets no hf_device_map then): same devices, same budget."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    pin_available_ram(monkeypatch, 8 * GiB)
+    max_memory = loader_max_memory(memory_snapshot())
+    seen = spy_on_the_loader_budget(monkeypatch)
+    by_itself = AutoModelForCausalLM.from_pretrained(tiny_model, device_map="auto")
+    told = AutoModelForCausalLM.from_pretrained(tiny_model, device_map="auto", max_memory=max_memory)
+
+    cpu = int(8 * GiB * (0.9 if transformers.__version__.startswith("5.") else 1))
+    assert max_memory == {"cpu": cpu} and seen[1] == max_memory
+    assert {key: int(value) for key, value in seen[0].items()} == max_memory  # 5.x computes a float
+    assert {p.device.type for p in by_itself.parameters()} == {p.device.type for p in told.parameters()} == {"cpu"}
+    assert getattr(by_itself, "hf_device_map", None) == getattr(told, "hf_device_map", None)
 
 
 def test_to_dict_is_json():

@@ -34,17 +34,17 @@ def checkpoint_tensors(path) -> dict[str, torch.Tensor]:
     return torch.load(os.path.join(path, "pytorch_model.bin"), weights_only=True)
 
 
-def as_bin_checkpoint(path, target) -> str:
-    """A copy of a checkpoint with its weights in pytorch_model.bin only.
+def bin_with_tied_weight_once(path, target) -> str:
+    """A copy of a safetensors checkpoint as pytorch_model.bin, a tied weight stored under one name.
 
-    transformers 5 writes safetensors even with safe_serialization=False, so the .bin is written
-    here from the same tensors.
+    `build_tiny_model(safe_serialization=False)` writes what 4.x writes: the tied weight under
+    both names. transformers 5.23 unties such a pair when both map to disk (each copy re-saved to
+    the offload folder), so the one-name case needs this file.
     """
     shutil.copytree(path, target)
     safetensors_file = os.path.join(target, "model.safetensors")
-    if os.path.exists(safetensors_file):
-        torch.save(load_file(safetensors_file), os.path.join(target, "pytorch_model.bin"))
-        os.remove(safetensors_file)
+    torch.save(load_file(safetensors_file), os.path.join(target, "pytorch_model.bin"))
+    os.remove(safetensors_file)
     return str(target)
 
 
@@ -134,8 +134,8 @@ def test_auto_split_to_cpu_and_disk(tiny_model):
     assert "on disk" in warning and "very slow" in warning and "on cpu" not in warning
 
 
-def test_bin_checkpoint_offloaded_to_folder(tiny_model, tmp_path):
-    path = as_bin_checkpoint(tiny_model, tmp_path / "bin")
+def test_bin_checkpoint_offloaded_to_folder(tiny_models, tmp_path):
+    path = tiny_models(safe_serialization=False)
     folder = tmp_path / "offload"
     model = split_load(path, offload_folder=str(folder))
     placement = model_placement(model, "model")
@@ -160,7 +160,7 @@ def test_table_without_hf_device_map(tiny_model):
 
 def test_tied_weights_on_disk_recorded_under_one_name(tiny_models, tmp_path):
     """4.57 (and 5.x for re-saved weights) index a tied weight under its first name only."""
-    path = as_bin_checkpoint(tiny_models(tie_word_embeddings=True), tmp_path / "bin")
+    path = bin_with_tied_weight_once(tiny_models(tie_word_embeddings=True), tmp_path / "bin")
     device_map = {"model.embed_tokens": "disk", "lm_head": "disk", "model.layers": "cpu", "model.norm": "cpu"}
     device_map["model.rotary_emb"] = "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path / "off"))
