@@ -26,6 +26,7 @@ class HolderRow:
     bytes_by_device: dict[str, int]  # each storage once within this holder
     shared_by_device: dict[str, int] = field(default_factory=dict)  # of which also held by others
     shared_with: tuple[str, ...] = ()
+    also_held_by: tuple[str, ...] = ()  # hidden references to this very object (`Out[3]`, `_`)
 
     @property
     def total(self) -> int:
@@ -39,6 +40,7 @@ class HolderRow:
             "bytes_by_device": dict(self.bytes_by_device),
             "shared_by_device": dict(self.shared_by_device),
             "shared_with": list(self.shared_with),
+            "also_held_by": list(self.also_held_by),
         }
 
 
@@ -114,11 +116,18 @@ def scan_holders(
     """Every tensor holder, named the way the user would write it, with shared storages."""
     stats = WalkStats()
     found = _group_by_holder(visible, NAMED, stats)
+    named = {id(holder): index for index, (_, _, holder, _) in enumerate(found)}
+    also_held: dict[int, list[str]] = defaultdict(list)
     for ref in hidden:
         try:
             roots = list(ref.roots())
         except Exception:
             continue
+        # A hidden copy of a named model frees nothing today, but will keep it alive once the
+        # name is rebound: say so on the named row.
+        for label, obj in roots:
+            if id(obj) in named and label not in also_held[named[id(obj)]]:
+                also_held[named[id(obj)]].append(label)
         found += _group_by_holder(roots, HIDDEN, stats)
 
     known = set().union(*(footprint.storage_keys for *_, footprint in found)) if found else set()
@@ -147,6 +156,7 @@ def scan_holders(
                 bytes_by_device=footprint.by_device(),
                 shared_by_device=shared.by_device(),
                 shared_with=tuple(found[i][0] for i in partners),
+                also_held_by=tuple(also_held.get(index, ())),
             )
         )
     return HolderScan(tuple(rows), explained.by_device(), find_orphans, stats.truncated)

@@ -223,13 +223,15 @@ def _holders_table(state) -> Table | Text:
         if hidden_count:
             text = f"Holders: {hidden_count} small holder(s) below {format_bytes(state.small_bytes)} not shown (%gpustate --all)"
         return Text(text, style=DIM)
-    table = _table("Holders", ("holder", "left"), ("kind", "left"), ("type", "left"), ("memory", "right"), ("shared", "left"))
+    table = _table("Holders", ("holder", "left"), ("kind", "left"), ("type", "left"), ("memory", "right"), ("shared / also in", "left"))
     for row in rows:
         shared = ""
         if row.shared_with:
             shared = f"{format_by_device(row.shared_by_device)} with {', '.join(row.shared_with[:2])}"
             if len(row.shared_with) > 2:
                 shared += f" +{len(row.shared_with) - 2}"
+        if row.also_held_by:
+            shared = "; ".join(filter(None, [shared, "also in " + ", ".join(row.also_held_by)]))
         table.add_row(row.path, row.kind, row.type_name, format_by_device(row.bytes_by_device), shared, style=_KIND_STYLE.get(row.kind))
     notes = []
     if hidden_count:

@@ -163,3 +163,13 @@ def test_cuda_row_matches_the_allocator(shell):
     assert rows_by_path(state)["x"].bytes_by_device["cuda:0"] == 256 * 2**20
     line = next(line for line in state.reconciliation if line.device == "cuda:0")
     assert abs(line.unexplained_bytes) <= 2**20
+
+
+def test_named_row_says_which_hidden_references_also_hold_it(shell, tiny_model):
+    load_model(shell, tiny_model, "model")
+    run(shell, "model")
+    number = max(shell.user_ns["Out"])
+    state, output = gpustate(shell)
+    row = rows_by_path(state)["model"]
+    assert f"Out[{number}]" in row.also_held_by and "_" in row.also_held_by
+    assert "also in" in output
