@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 from .devices import MemorySnapshot, memory_snapshot
 from .holders import HIDDEN, NAMED, UNNAMED, HolderRow, HolderScan, scan_holders
-from .placement import DiskSource, find_model, model_placement
+from .placement import DiskSource, model_placement
 from .release import HiddenRef
 from .units import format_bytes
 
@@ -84,13 +84,10 @@ def _cuda_unexplained(lines: Iterable[Reconciliation]) -> int:
     return sum(max(line.unexplained_bytes or 0, 0) for line in lines if line.device.startswith("cuda"))
 
 
-def _disk_sources(visible: Sequence[tuple[str, Any]], rows: Sequence[HolderRow]) -> tuple[DiskSource, ...]:
+def _disk_sources(models: Sequence[tuple[str, Any]]) -> tuple[DiskSource, ...]:
     """Files that loaded models read offloaded weights from, each once."""
     sources: dict[str, DiskSource] = {}
-    for path, value in visible:
-        model = find_model(value)
-        if model is None:
-            continue
+    for path, model in models:
         try:
             placement = model_placement(model, path)
         except Exception:
@@ -135,12 +132,13 @@ def take_snapshot(
     """
     visible = list(visible)
     memory = memory_snapshot()
-    scan = scan_holders(visible, hidden, find_orphans=deep)
+    models: list[tuple[str, Any]] = []
+    scan = scan_holders(visible, hidden, find_orphans=deep, named_models=models)
     lines = _reconcile(memory, scan.explained_by_device)
     if not deep and _cuda_unexplained(lines) > ORPHAN_TRIGGER_BYTES:
         scan = scan_holders(visible, hidden, find_orphans=True)
         lines = _reconcile(memory, scan.explained_by_device)
-    disk = _disk_sources(visible, scan.rows)
+    disk = _disk_sources(models)
     return GpuState(memory, scan, disk, lines, _flags(scan.rows, disk, small_bytes), small_bytes)
 
 

@@ -112,10 +112,17 @@ def scan_holders(
     hidden: Sequence[HiddenRef],
     *,
     find_orphans: bool = False,
+    named_models: list | None = None,
 ) -> HolderScan:
-    """Every tensor holder, named the way the user would write it, with shared storages."""
+    """Every tensor holder, named the way the user would write it, with shared storages.
+
+    `named_models`, if given, receives (path, module) for each model a name reaches: callers
+    that need the objects (disk sources) get them without a second walk; the scan stays data.
+    """
     stats = WalkStats()
     found = _group_by_holder(visible, NAMED, stats)
+    if named_models is not None:
+        named_models.extend((path, holder) for path, _, holder, _ in found if is_module(holder))
     named = {id(holder): index for index, (_, _, holder, _) in enumerate(found)}
     also_held: dict[int, list[str]] = defaultdict(list)
     for ref in hidden:

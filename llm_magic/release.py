@@ -96,11 +96,26 @@ def deferred_interrupt() -> Iterator[list]:
 
 
 def collect_garbage() -> None:
-    """gc, then hand PyTorch's cached CUDA blocks back (only if CUDA is already in use)."""
+    """gc, then give the memory back: PyTorch's cached CUDA blocks (only if CUDA is already in
+    use), and glibc's free lists, which otherwise keep a released CPU model's pages in the
+    process, so that the next `device_map="auto"` still sees them as used and offloads."""
     gc.collect()
     torch = loaded_torch()
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+    _trim_c_heap()
+
+
+def _trim_c_heap() -> None:
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # musl or another libc: nothing to trim
+        pass
 
 
 def _type_name(obj: Any) -> str:
@@ -174,8 +189,16 @@ def _unnamed_holders(obj: Any) -> str:
 
 
 def _summarise(paths: Iterable[str], shown: int = 3) -> tuple[str, ...]:
-    """A few holder paths, then a count: a kept optimizer names hundreds of parameters."""
-    paths = list(paths)
+    """A few holder paths, then a count: a kept optimizer names hundreds of parameters.
+
+    A path inside one already listed (`results[0].model._modules[...]` under
+    `results[0].model`) adds nothing and is left out.
+    """
+    outer: list[str] = []
+    for path in paths:
+        if not any(path.startswith(prefix) and path[len(prefix):][:1] in (".", "[") for prefix in outer):
+            outer.append(path)
+    paths = outer
     if len(paths) <= shown + 1:
         return tuple(paths)
     return tuple(paths[:shown]) + (f"... and {len(paths) - shown} more",)

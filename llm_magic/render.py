@@ -1,7 +1,7 @@
 """Rendering reports with rich: a coloured table in a terminal, HTML in a notebook.
 
-Only this module and `display.py` know about rich. Every function takes plain report data
-and returns a rich renderable; nothing here measures or changes anything.
+Only this module knows about rich. Every function takes plain report data and returns a rich
+renderable; nothing here measures or changes anything.
 """
 
 from __future__ import annotations
@@ -16,25 +16,43 @@ from rich.text import Text
 
 from .units import device_sort_key, format_by_device, format_bytes
 
-WARN = "bold red"
-OK = "green"
+# Explicit colours that keep a 3:1 contrast on light and dark notebook themes alike (rich's
+# named "red" exports as #800000, unreadable on a dark background).
+WARN = "bold #d32f2f"
+OK = "#2e7d32"
+HEADING = "bold #00838f"
+HIDDEN_STYLE = "#b26a00"
+UNNAMED_STYLE = "#8e24aa"
 DIM = "dim"
 
 
 def _table(title: str, *columns: tuple[str, str]) -> Table:
     # min_width keeps a short table from wrapping its own title.
+    # SIMPLE_HEAD without edges: no blank lines around the rows, so a report stays compact.
     table = Table(
-        title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False,
-        min_width=min(len(title) + 2, 100),
+        title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, show_edge=False,
+        pad_edge=False, min_width=min(len(title) + 2, 100),
     )
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=justify == "right")
     return table
 
 
-def released_table(released) -> Table | Text:
+def _stack(parts: Iterable[Any]) -> Group:
+    """Sections one under the other, a blank line before each table so titles stand apart."""
+    stacked: list[Any] = []
+    for part in parts:
+        if part is None:
+            continue
+        if stacked and isinstance(part, (Table, Panel)):
+            stacked.append(Text(""))
+        stacked.append(part)
+    return Group(*stacked)
+
+
+def released_table(released, nothing: str = "no existing object held tensors the cell replaces") -> Table | Text:
     if not released.released:
-        return Text("Released: nothing (no existing object held tensors the cell replaces).", style=DIM)
+        return Text(f"Released: nothing ({nothing}).", style=DIM)
     table = _table("Released", ("object", "left"), ("type", "left"), ("memory", "right"), ("references dropped", "left"), ("status", "left"))
     for item in released.released:
         if released.dry_run:
@@ -49,14 +67,14 @@ def released_table(released) -> Table | Text:
 
 def render_release(released, heading: str) -> Group:
     """What `%llmfree` did (or, in a dry run, would do)."""
-    parts: list[Any] = [Text(heading + ("  (dry run: nothing released)" if released.dry_run else ""), style="bold cyan")]
-    parts.append(released_table(released))
+    parts: list[Any] = [Text(heading + ("  (dry run: nothing released)" if released.dry_run else ""), style=HEADING)]
+    parts.append(released_table(released, nothing="no object matched"))
     if released.also_cleared:
         parts.append(Text("Hidden copies dropped (the objects are still named): " + ", ".join(released.also_cleared), style=DIM))
     if not released.dry_run:
         freed = format_by_device(released.freed_bytes) if released.freed_bytes else "nothing"
         parts.append(Text(f"Freed: {freed}", style=OK if released.freed_bytes else DIM))
-    return Group(*parts)
+    return _stack(parts)
 
 
 def placement_table(placement, predicted: dict[str, int] | None = None) -> Table:
@@ -82,7 +100,7 @@ def placement_has_accelerator(placement) -> bool:
 def memory_table(before, after) -> Table | None:
     if before is None and after is None:
         return None
-    table = _table("Free memory", ("device", "left"), ("before", "right"), ("after", "right"), ("change", "right"))
+    table = _table("Free memory", ("device", "left"), ("before", "right"), ("after", "right"), ("change (system-wide)", "right"))
     before_free = {d.device: d.free_bytes for d in getattr(before, "devices", ())}
     after_free = {d.device: d.free_bytes for d in getattr(after, "devices", ())}
     for device in sorted(set(before_free) | set(after_free), key=device_sort_key):
@@ -145,7 +163,7 @@ def _predicted_for(report, name: str) -> dict[str, int] | None:
 def render_load_report(report) -> Group:
     parts: list[Any] = []
     heading = f"%%llmload {report.model_name}" + ("  (dry run: nothing released, nothing loaded)" if report.dry_run else "")
-    parts.append(Text(heading, style="bold cyan"))
+    parts.append(Text(heading, style=HEADING))
     parts.append(warnings_panel(report.warnings))
     parts.append(released_table(report.released))
     if report.dry_run:
@@ -158,12 +176,15 @@ def render_load_report(report) -> Group:
     parts.append(memory_table(report.memory_before, report.memory_after))
     if report.error:
         parts.append(Text(f"The cell raised {report.error} (traceback below).", style=WARN))
-    return Group(*(part for part in parts if part is not None))
+    return _stack(parts)
 
 
 def mimebundle(renderable, width: int = 110) -> dict[str, str]:
     """text/plain (no colour codes) and text/html (inline styles) for one renderable."""
-    console = Console(record=True, width=width, file=_Discard(), color_system="truecolor", force_terminal=True)
+    # force_jupyter=False: in a kernel, a recording console would otherwise display its own copy.
+    console = Console(
+        record=True, width=width, file=_Discard(), color_system="truecolor", force_terminal=True, force_jupyter=False
+    )
     console.print(renderable)
     html = console.export_html(inline_styles=True, code_format=_HTML_FORMAT, clear=False)
     text = console.export_text(clear=True, styles=False)
@@ -196,8 +217,17 @@ def show(renderable) -> None:
         console.print(renderable)
 
 
+def _without_empty_columns(title: str, columns: list[tuple[str, str]], rows: list[tuple[list, Any]]) -> Table:
+    """A table of `rows` ((cells, style) pairs) leaving out columns that are empty in every row."""
+    keep = [i for i in range(len(columns)) if any(cells[i] for cells, _ in rows)]
+    table = _table(title, *(columns[i] for i in keep))
+    for cells, style in rows:
+        table.add_row(*(cells[i] for i in keep), style=style)
+    return table
+
+
 def _device_rows(memory) -> Table:
-    table = _table("Memory", ("device", "left"), ("total", "right"), ("free", "right"), ("this process", "right"), ("others", "right"), ("note", "left"))
+    rows = []
     for device in memory.devices:
         if device.device == "cpu":
             mine = f"RSS {format_bytes(device.rss_bytes)}"
@@ -208,11 +238,12 @@ def _device_rows(memory) -> Table:
             if device.processes:
                 others += f" ({len(device.processes)} proc)"
         label = device.device if not device.name or device.device == "cpu" else f"{device.device} {device.name}"
-        table.add_row(label, format_bytes(device.total_bytes), format_bytes(device.free_bytes), mine, others, device.note or "")
-    return table
+        rows.append(([label, format_bytes(device.total_bytes), format_bytes(device.free_bytes), mine, others, device.note or ""], None))
+    columns = [("device", "left"), ("total", "right"), ("free", "right"), ("this process", "right"), ("others", "right"), ("note", "left")]
+    return _without_empty_columns("Memory", columns, rows)
 
 
-_KIND_STYLE = {"named": None, "hidden": "yellow", "unnamed": "magenta"}
+_KIND_STYLE = {"named": None, "hidden": HIDDEN_STYLE, "unnamed": UNNAMED_STYLE}
 
 
 def _holders_table(state) -> Table | Text:
@@ -223,7 +254,7 @@ def _holders_table(state) -> Table | Text:
         if hidden_count:
             text = f"Holders: {hidden_count} small holder(s) below {format_bytes(state.small_bytes)} not shown (%gpustate --all)"
         return Text(text, style=DIM)
-    table = _table("Holders", ("holder", "left"), ("kind", "left"), ("type", "left"), ("memory", "right"), ("shared / also in", "left"))
+    cells = []
     for row in rows:
         shared = ""
         if row.shared_with:
@@ -232,7 +263,9 @@ def _holders_table(state) -> Table | Text:
                 shared += f" +{len(row.shared_with) - 2}"
         if row.also_held_by:
             shared = "; ".join(filter(None, [shared, "also in " + ", ".join(row.also_held_by)]))
-        table.add_row(row.path, row.kind, row.type_name, format_by_device(row.bytes_by_device), shared, style=_KIND_STYLE.get(row.kind))
+        cells.append(([row.path, row.kind, row.type_name, format_by_device(row.bytes_by_device), shared], _KIND_STYLE.get(row.kind)))
+    columns = [("holder", "left"), ("kind", "left"), ("type", "left"), ("memory", "right"), ("shared / also in", "left")]
+    table = _without_empty_columns("Holders", columns, cells)
     notes = []
     if hidden_count:
         notes.append(f"{hidden_count} small holder(s) below {format_bytes(state.small_bytes)} not shown: %gpustate --all")
@@ -282,7 +315,7 @@ def _disk_table(disk) -> Table | None:
 
 def render_gpustate(state) -> Group:
     memory = state.memory
-    parts: list[Any] = [Text("%gpustate", style="bold cyan")]
+    parts: list[Any] = [Text("%gpustate", style=HEADING)]
     parts.append(warnings_panel(state.flags))
     parts.append(_device_rows(memory))
     if not memory.cuda_devices:
@@ -290,4 +323,4 @@ def render_gpustate(state) -> Group:
     parts.append(_disk_table(state.disk))
     parts.append(_holders_table(state))
     parts.append(_reconciliation_lines(state))
-    return Group(*(part for part in parts if part is not None))
+    return _stack(parts)

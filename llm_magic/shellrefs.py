@@ -54,8 +54,10 @@ def _output_refs(shell) -> Iterator[HiddenRef]:
             clear=lambda n=number: output_hist.pop(n, None),
         )
     namespaces = (shell.user_ns, shell.user_ns_hidden)
-    numbered = {name for ns in namespaces for name in ns if type(name) is str and re.fullmatch(r"_\d+", name)}
-    for name in sorted(numbered, key=lambda n: int(n[1:])):
+    # `_N` exists for each output N the displayhook stored: read them from the output
+    # history's keys rather than scanning a namespace of thousands of names.
+    for number in sorted(output_hist):
+        name = f"_{number}"
         yield HiddenRef(
             name,
             roots=lambda name=name: [(name, ns[name]) for ns in namespaces if name in ns],

@@ -1,0 +1,209 @@
+"""Run the quickstart notebook on a small local model and show what the magics printed.
+
+    python -m llm_magic.demo [--out DIR]
+
+Builds a small random model (no download), executes `notebooks/quickstart.ipynb` in a real
+ipykernel started from this interpreter, prints the text of every cell's output, and writes the
+executed notebook and an HTML export to DIR. The notebook ships in the repository, not in the
+wheel: run this from a clone.
+
+The functions are reused by the tests (tests/test_notebooks.py, tests/test_browser.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+# The notebook's first cell reads this; without it, the notebook builds its own model.
+MODEL_ENV = "LLM_MAGIC_DEMO_MODEL"
+DEFAULT_OUT = "llm_magic_demo_output"
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+# Big enough (about 13 MiB of float32) to stand out above the 1 MiB "small holder" threshold of
+# the reports; small enough to load in well under a second on two CPU cores.
+DEMO_MODEL_SIZES = dict(hidden_size=256, intermediate_size=512, vocab_size=2048, num_hidden_layers=4)
+
+# A kernel with no network: everything the notebooks load is local.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def notebook_path(name: str = "quickstart.ipynb") -> Path:
+    path = NOTEBOOKS / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: the notebooks ship with the repository, not the package. "
+            "Run `python -m llm_magic.demo` from a clone (pip install -e .)."
+        )
+    return path
+
+
+def build_demo_model(path: str | Path | None = None) -> Path:
+    """Write the demo checkpoint (config, random weights, tokenizer) to `path` (default: a temp dir)."""
+    from .tinymodels import build_tiny_model
+
+    if path is None:
+        path = Path(tempfile.mkdtemp(prefix="llm-magic-demo-model-"))
+    return build_tiny_model(path, "llama", **DEMO_MODEL_SIZES)
+
+
+def kernel_env(model_path: str | Path | None) -> dict[str, str]:
+    env = {**os.environ, **OFFLINE_ENV}
+    # tqdm warns in red on every notebook without ipywidgets; it is about this environment, not
+    # about the model, and would read as a failure in the demo.
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), "ignore:IProgress not found"]))
+    if model_path is not None:
+        env[MODEL_ENV] = str(model_path)
+    return env
+
+
+def _kernel_manager(spec_root: Path):
+    """A kernel manager for an ipykernel running on *this* interpreter.
+
+    The "python3" kernelspec found on the machine may belong to another environment; a spec
+    written here pins sys.executable, so the notebook sees the same llm_magic, torch and
+    transformers as the caller.
+    """
+    from ipykernel.kernelspec import write_kernel_spec
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    write_kernel_spec(spec_root / "llm-magic-python", overrides={"display_name": "llm_magic (this Python)"})
+    specs = KernelSpecManager(kernel_dirs=[str(spec_root)], ensure_native_kernel=False)
+    manager = KernelManager(kernel_name="llm-magic-python", kernel_spec_manager=specs)
+    if _curve_available(manager):
+        # Encrypts the local zmq sockets (and silences ipykernel's plain-TCP warning).
+        manager.transport_encryption = "auto"
+    return manager
+
+
+def _curve_available(manager) -> bool:
+    import zmq
+
+    # jupyter_client < 8.10 has no transport_encryption; pyzmq without libsodium has no curve.
+    return manager.has_trait("transport_encryption") and bool(zmq.has("curve"))
+
+
+def execute_notebook(
+    path: str | Path,
+    model_path: str | Path | None,
+    *,
+    allow_errors: bool = False,
+    timeout: int = 300,
+    cwd: str | Path | None = None,
+):
+    """Execute the notebook at `path` in a fresh ipykernel; return the executed notebook node.
+
+    Cells tagged `raises-exception` may fail (the quickstart fails one on purpose); any other
+    error stops the run with nbclient's CellExecutionError, unless `allow_errors` (tests use it
+    to run every cell and then say which ones failed).
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(str(path), as_version=4)
+    with tempfile.TemporaryDirectory(prefix="llm-magic-kernel-") as spec_root:
+        client = NotebookClient(
+            nb,
+            km=_kernel_manager(Path(spec_root)),
+            timeout=timeout,
+            allow_errors=allow_errors,
+            resources={"metadata": {"path": str(cwd or Path(path).parent)}},
+        )
+        # nbclient leaves a kernel it did not create running: ask it to shut this one down.
+        client.execute(env=kernel_env(model_path), cleanup_kc=True)
+    return nb
+
+
+def export_html(nb, path: str | Path, *, theme: str = "light") -> Path:
+    """Write `nb` as a standalone HTML page (nbconvert's lab template; theme "light" or "dark")."""
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(theme=theme).from_notebook_node(nb)
+    path = Path(path)
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def write_notebook(nb, path: str | Path) -> Path:
+    import nbformat
+
+    path = Path(path)
+    nbformat.write(nb, str(path))
+    return path
+
+
+def output_texts(output: Any) -> Iterator[str]:
+    """The plain text of one cell output, as a terminal would show it."""
+    kind = output.get("output_type")
+    if kind == "stream":
+        yield output.get("text", "")
+    elif kind in ("display_data", "execute_result"):
+        text = output.get("data", {}).get("text/plain")
+        if text:
+            yield text if text.endswith("\n") else text + "\n"
+    elif kind == "error":
+        # The traceback is full of colour codes; its last line says what happened.
+        yield f"{output.get('ename')}: {output.get('evalue')}\n"
+
+
+def format_transcript(nb) -> str:
+    """Every code cell with its outputs, as plain text."""
+    lines: list[str] = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        number = cell.get("execution_count") or " "
+        source = cell.source.rstrip().replace("\n", "\n" + " " * (len(f"In [{number}]: ")))
+        lines.append(f"In [{number}]: {source}\n")
+        for output in cell.get("outputs", []):
+            lines.extend(output_texts(output))
+        lines.append("\n")
+    return "".join(lines)
+
+
+def run_demo(out_dir: str | Path, model_path: str | Path | None = None) -> tuple[Path, Path]:
+    """Build the model (unless given), run the quickstart, print it; return (notebook, html) paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = notebook_path()
+    with tempfile.TemporaryDirectory(prefix="llm-magic-demo-model-") as scratch:
+        if model_path is None:
+            print("Building a small random model (no download)...", flush=True)
+            model_path = build_demo_model(scratch)
+        print(f"Running {source} in a fresh kernel...\n", flush=True)
+        nb = execute_notebook(source, model_path)
+    print(format_transcript(nb))
+    notebook = write_notebook(nb, out_dir / "quickstart.ipynb")
+    html = export_html(nb, out_dir / "quickstart.html")
+    return notebook, html
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm_magic.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"where to write the executed notebook and HTML (default: ./{DEFAULT_OUT})")
+    parser.add_argument("--model", default=None, help="a local checkpoint to use instead of building the demo model")
+    args = parser.parse_args(argv)
+    os.environ.update(OFFLINE_ENV)  # before transformers is imported: quiet and offline
+    try:
+        notebook, html = run_demo(args.out, args.model)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Executed notebook: {notebook.resolve()}")
+    print(f"HTML export:       {html.resolve()}  (open it in a browser)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Every notebook in notebooks/ executed in a real ipykernel, and its outputs checked.
+
+The kernel runs on this interpreter (see llm_magic.demo.execute_notebook), so the same file
+tests transformers 4.57 + IPython 8 and transformers 5 + IPython 9 in whichever venv runs it.
+The quickstart tells a story; each step's claim is asserted on what the notebook displayed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from llm_magic.demo import NOTEBOOKS
+
+pytestmark = pytest.mark.notebook
+
+NOTEBOOK_PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
+QUICKSTART = NOTEBOOKS / "quickstart.ipynb"
+MAGIC_CLASS = 'class="llm-magic"'
+MAGIC_LINE = re.compile(r"^\s*%%?(?:llmload|llmfree|gpustate)\b", re.MULTILINE)
+# What a terminal colour code looks like, raw or with its ESC byte lost on the way.
+ANSI = re.compile(r"\x1b\[|\[(?:\d{1,3};)*\d{1,3}m")
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory) -> Path:
+    from llm_magic.demo import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("demo-model"))
+
+
+@pytest.fixture(scope="module")
+def executed(demo_model):
+    """`executed(path)` -> the executed notebook; each notebook runs once per module."""
+    from llm_magic.demo import execute_notebook
+
+    cache: dict[Path, object] = {}
+
+    def run(path: Path):
+        if path not in cache:
+            try:
+                # Every cell runs; the tests below say which ones failed.
+                cache[path] = execute_notebook(path, demo_model, allow_errors=True)
+            except Exception as error:  # a dead or hung kernel: fail each test fast, not rerun
+                cache[path] = error
+        if isinstance(cache[path], Exception):
+            raise cache[path]
+        return cache[path]
+
+    return run
+
+
+# --- helpers: find cells and read their outputs ------------------------------------------------
+
+
+def code_cells(nb) -> list:
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def cell_index(nb, prefix: str, occurrence: int = 0) -> int:
+    """Index (among code cells) of the `occurrence`-th code cell whose source starts with `prefix`."""
+    found = [i for i, cell in enumerate(code_cells(nb)) if cell.source.lstrip().startswith(prefix)]
+    assert len(found) > occurrence, f"no cell #{occurrence} starting with {prefix!r}"
+    return found[occurrence]
+
+
+def displays(cell) -> list[dict]:
+    return [out["data"] for out in cell.outputs if out.output_type in ("display_data", "execute_result")]
+
+
+def magic_html(cell) -> list[str]:
+    """The llm_magic tables a cell displayed, as HTML."""
+    return [data["text/html"] for data in displays(cell) if MAGIC_CLASS in data.get("text/html", "")]
+
+
+def all_text(cell) -> str:
+    """Everything a reader sees in a cell's output, as plain text."""
+    parts = []
+    for out in cell.outputs:
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("display_data", "execute_result"):
+            parts.append(out["data"].get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def stdout(cell) -> str:
+    return "".join(out.text for out in cell.outputs if out.output_type == "stream" and out.name == "stdout")
+
+
+def expects_error(cell) -> bool:
+    return "raises-exception" in cell.metadata.get("tags", [])
+
+
+# --- every notebook ---------------------------------------------------------------------------
+
+
+def test_there_are_notebooks():
+    assert QUICKSTART in NOTEBOOK_PATHS
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda p: p.name)
+def test_notebook_is_committed_without_outputs(path):
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    nbformat.validate(nb)
+    dirty = [cell.source.splitlines()[0] for cell in code_cells(nb) if cell.outputs or cell.execution_count]
+    assert not dirty, f"cells saved with outputs: {dirty}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda p: p.name)
+def test_notebook_runs_without_unexpected_errors(executed, path):
+    nb = executed(path)
+    for cell in code_cells(nb):
+        errors = [out for out in cell.outputs if out.output_type == "error"]
+        if expects_error(cell):
+            assert errors, f"cell tagged raises-exception did not raise:\n{cell.source}"
+        else:
+            assert not errors, f"{cell.source}\nraised {errors[0].ename}: {errors[0].evalue}"
+        # A UsageError (unknown magic, bad option) is printed, not raised: catch it here.
+        assert "UsageError" not in all_text(cell), f"{cell.source}\n{all_text(cell)}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda p: p.name)
+def test_magic_tables_show_once_as_html_and_clean_text(executed, path):
+    nb = executed(path)
+    for cell in code_cells(nb):
+        magics = MAGIC_LINE.findall(cell.source)
+        if not magics:
+            continue
+        tables = magic_html(cell)
+        assert len(tables) == len(magics), f"{cell.source!r} displayed {len(tables)} llm_magic tables (want {len(magics)})"
+        for data in displays(cell):
+            assert not ANSI.search(data.get("text/plain", "")), f"colour codes in text/plain of {cell.source!r}"
+        assert not any(ANSI.search(out.text) for out in cell.outputs if out.output_type == "stream")
+
+
+# --- the quickstart's story, step by step -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quickstart(executed):
+    return executed(QUICKSTART)
+
+
+def test_quickstart_failing_cell_raised_the_simulated_oom(quickstart):
+    cell = code_cells(quickstart)[cell_index(quickstart, "def step")]
+    (error,) = [out for out in cell.outputs if out.output_type == "error"]
+    assert error.ename == "RuntimeError" and "out of memory" in error.evalue
+
+
+def test_quickstart_gpustate_shows_hidden_copies_before_the_reload(quickstart):
+    cells = code_cells(quickstart)
+    before = cells[cell_index(quickstart, "%gpustate", 0)]
+    assert cell_index(quickstart, "%gpustate", 0) < cell_index(quickstart, "%%llmload")
+    (html,) = magic_html(before)
+    text = all_text(before)
+    for device in ("cpu",):
+        assert device in html and device in text
+    assert "model" in text
+    assert "Out[" in text, f"the displayed model (Out[n]) is not listed:\n{text}"
+    assert "traceback" in text, f"the failed cell's frame is not listed:\n{text}"
+
+
+def test_quickstart_llmload_released_every_copy_and_freed_the_old_model(quickstart):
+    cells = code_cells(quickstart)
+    load = cells[cell_index(quickstart, "%%llmload")]
+    (html,) = magic_html(load)
+    text = all_text(load)
+    assert "Released" in text and "freed" in text and "NOT freed" not in text
+    for copy in (r"Out\[\d+\]", r"\b_\d+\b", r"\b_(?=[,\s])", "last traceback"):
+        assert re.search(copy, text), f"{copy!r} not among the references dropped:\n{text}"
+    assert "cpu" in html and "LlamaForCausalLM" in html
+    check = cells[cell_index(quickstart, "print(\"old model freed")]
+    assert "old model freed: True" in stdout(check)
+
+
+def test_quickstart_gpustate_after_the_reload_shows_no_hidden_copy(quickstart):
+    cells = code_cells(quickstart)
+    after_index = cell_index(quickstart, "%gpustate", 1)
+    assert after_index > cell_index(quickstart, "%%llmload")
+    text = all_text(cells[after_index])
+    assert "model" in text and "cpu" in text
+    assert "Out[" not in text and "traceback" not in text, text
+
+
+def test_quickstart_llmfree_frees_the_model(quickstart):
+    cells = code_cells(quickstart)
+    dry = cells[cell_index(quickstart, "%llmfree --all --dry-run")]
+    assert "would be released" in all_text(dry)
+    final = cells[cell_index(quickstart, "gone = weakref.ref(model)")]
+    assert "model freed: True" in stdout(final)
+
+
+def test_demo_transcript_has_the_tables_as_plain_text(quickstart):
+    from llm_magic.demo import format_transcript
+
+    transcript = format_transcript(quickstart)
+    assert "%%llmload" in transcript and "old model freed: True" in transcript
+    assert "RuntimeError: CUDA out of memory (simulated)" in transcript
+    assert not ANSI.search(transcript)
