@@ -19,6 +19,7 @@ def load_ipython_extension(shell) -> None:
         return
     magics = LLMMagic(shell=shell)
     shell.register_magics(magics)  # also makes it a configurable: `%config LLMMagic.x = ...`
+    magics.oom.register()
     setattr(shell, _ATTR, magics)
 
 
@@ -26,6 +27,8 @@ def unload_ipython_extension(shell) -> None:
     magics = getattr(shell, _ATTR, None)
     if magics is None:
         return
+    magics.watcher.stop()
+    magics.oom.unregister()
     for kind, names in magics.magics.items():
         for name in names:
             shell.magics_manager.magics[kind].pop(name, None)

@@ -14,6 +14,18 @@ class LLMMagic(Magics):
 
     strict = Bool(False, help="Refuse a load predicted to put any module on a slower tier (cpu/disk).").tag(config=True)
     small_holder_bytes = Int(1 << 20, help="%gpustate leaves out holders smaller than this unless --all.").tag(config=True)
+    oom_rescue = Bool(
+        True,
+        help="After a cell fails with an out-of-memory error: free what only its traceback's frames hold, and explain.",
+    ).tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        from .oom import OOMRescue
+        from .watch import Watcher
+
+        self.oom = OOMRescue(shell, enabled=lambda: self.oom_rescue)
+        self.watcher = Watcher(shell)
 
     @magic_arguments()
     @argument("model_name", nargs="?", help="Model id or local path; bound as MODEL_NAME for the body.")
@@ -116,3 +128,16 @@ class LLMMagic(Magics):
         else:
             show(render_gpustate(state))
         return state if args.output else None
+
+    @line_magic
+    def llmwatch(self, line: str):
+        """%llmwatch on|off: after each cell, a line when a model is (re)bound or moved, and a
+        warning (once) when accelerator memory is held only by hidden or unnamed copies."""
+        choice = line.strip().lower()
+        if choice == "on":
+            self.watcher.start()
+        elif choice == "off":
+            self.watcher.stop()
+        elif choice:
+            raise UsageError("%llmwatch on|off")
+        print(f"%llmwatch is {'on' if self.watcher.active else 'off'}")

@@ -592,7 +592,6 @@ def _known(arg, name: str) -> Any:
 
 
 def _predict_into(state: _State, cached_unused, find_missing: bool) -> None:
-    import torch
 
     call, version = state.call, state.version
     model_id = _known(call.model_id, "the model id")

@@ -208,13 +208,21 @@ class _Discard:
 
 def show(renderable) -> None:
     """Print in a terminal (with colour when it is one); display HTML in a notebook."""
-    console = Console()
-    if console.is_jupyter:
+    if _in_kernel():
         from IPython.display import display
 
         display(mimebundle(renderable), raw=True)
     else:
-        console.print(renderable)
+        Console().print(renderable)
+
+
+def _in_kernel() -> bool:
+    # rich's own test reads the builtin `get_ipython`, which IPython sets only while a cell
+    # runs: from a post_run_cell callback the HTML would come out as ANSI text.
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell is not None and (type(shell).__name__ == "ZMQInteractiveShell" or "google.colab" in type(shell).__module__)
 
 
 def _without_empty_columns(title: str, columns: list[tuple[str, str]], rows: list[tuple[list, Any]]) -> Table:

@@ -11,6 +11,7 @@ This is the one module that knows IPython's internals (checked on IPython 8.39 a
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import traceback
@@ -126,39 +127,66 @@ def _tracebacks(shell) -> list[types.TracebackType]:
     return unique
 
 
-def _frames(tb: types.TracebackType | None) -> Iterator[types.FrameType]:
+def frames_of(tb: types.TracebackType | None) -> Iterator[types.FrameType]:
     while tb is not None:
         yield tb.tb_frame
         tb = tb.tb_next
 
 
-def _exception_roots(shell) -> list[tuple[str, Any]]:
+def _machinery_folders() -> tuple[str, ...]:
+    """Folders of code whose frames hold the machinery, not the user's data.
+
+    IPython's `run_code` frame has the shell itself as `self`: walking it would claim the
+    whole namespace and the output history as held by the traceback.
+    """
+    files = (__file__, getattr(sys.modules.get("IPython"), "__file__", None))
+    return tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in files if path)
+
+
+def frame_roots(tracebacks: Iterable[types.TracebackType], prefix: str = "") -> list[tuple[str, Any]]:
+    """(label, value) for the locals of the user's and libraries' frames in the tracebacks."""
     roots: list[tuple[str, Any]] = []
-    seen_frames: set[int] = set()
-    for tb in _tracebacks(shell):
-        for frame in _frames(tb):
-            if id(frame) in seen_frames:
+    seen: set[int] = set()
+    machinery = _machinery_folders()
+    for tb in tracebacks:
+        for frame in frames_of(tb):
+            if id(frame) in seen or frame.f_code.co_filename.startswith(machinery):
                 continue
-            seen_frames.add(id(frame))
+            seen.add(id(frame))
             f_locals = frame.f_locals
             if f_locals is frame.f_globals:
                 continue  # a cell's module-level frame: its "locals" are the user namespace
-            where = f"last traceback, frame `{frame.f_code.co_name}()`"
+            where = f"{prefix}frame `{frame.f_code.co_name}()`"
             roots += [(f"{where}, local `{name}`", value) for name, value in f_locals.items()]
+    return roots
+
+
+def _exception_roots(shell) -> list[tuple[str, Any]]:
+    roots = frame_roots(_tracebacks(shell), prefix="last traceback, ")
     for exc in _exceptions(shell):
         roots += [(f"last exception {type(exc).__name__}.args[{i}]", arg) for i, arg in enumerate(exc.args)]
     return roots
 
 
-def clear_exception_state(shell) -> None:
-    """Drop the last exception everywhere IPython and sys keep it, and free its frames."""
-    tracebacks = _tracebacks(shell)
+def clear_traceback_frames(tracebacks: Iterable[types.TracebackType]) -> int:
+    """Drop the locals of every finished frame in the tracebacks; the number of frames seen.
+
+    The exceptions themselves stay (the OOM rescue keeps the user's error for `%debug`).
+    """
+    count = 0
     for tb in tracebacks:
-        traceback.clear_frames(tb)
-        for frame in _frames(tb):
+        traceback.clear_frames(tb)  # skips (and leaves alone) a frame still executing
+        for frame in frames_of(tb):
+            count += 1
             # Python 3.11 keeps a snapshot dict of the locals made by an earlier f_locals
             # read (IPython's traceback rendering); reading again after clear() empties it.
             frame.f_locals  # noqa: B018
+    return count
+
+
+def clear_exception_state(shell) -> None:
+    """Drop the last exception everywhere IPython and sys keep it, and free its frames."""
+    clear_traceback_frames(_tracebacks(shell))
     for name in _EXCEPTION_ATTRS:
         if hasattr(sys, name):
             delattr(sys, name)

@@ -57,7 +57,7 @@ def test_model_held_only_by_output_is_a_hidden_holder(shell, tiny_model):
 
 def test_model_held_only_by_traceback_names_frame_and_local(shell, tiny_model):
     load_model(shell, tiny_model, "model")
-    run(shell, "def step(m):\n    raise RuntimeError('CUDA out of memory (simulated)')\nstep(model)")
+    run(shell, "def step(m):\n    raise RuntimeError('shape mismatch (simulated)')\nstep(model)")
     run(shell, "del model")
     state, output = gpustate(shell)
     label = "last traceback, frame `step()`, local `m`"
@@ -70,7 +70,7 @@ def test_llmfree_hidden_frees_both_and_json_shows_bytes_gone(shell, tiny_model):
     run(shell, "shown")
     run(shell, "del shown")
     failed = load_model(shell, tiny_model, "failed")
-    run(shell, "def step(m):\n    raise RuntimeError('out of memory')\nstep(failed)")
+    run(shell, "def step(m):\n    raise RuntimeError('shape mismatch')\nstep(failed)")
     run(shell, "del failed")
     before, _ = gpustate(shell)
     assert sum(row.total for row in before.holders.rows if row.kind == "hidden") > 1_200_000

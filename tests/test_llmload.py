@@ -82,7 +82,7 @@ def test_reload_frees_model_held_by_underscore_chain(shell, tiny_model):
 
 def test_reload_frees_model_held_by_last_traceback(shell, tiny_model):
     load(shell, tiny_model)
-    result, _ = run(shell, "def step(m):\n    raise RuntimeError('CUDA out of memory (simulated)')\nstep(model)")
+    result, _ = run(shell, "def step(m):\n    raise RuntimeError('shape mismatch (simulated)')\nstep(model)")
     assert not result.success
     old = old_model_ref(shell)
     assert sys.last_traceback is not None
