@@ -7,15 +7,14 @@ activations, the KV cache, the batch. IPython keeps that traceback (`sys.last_tr
 that was in use when the allocation failed stays in use, and the usual cure is a restart.
 
 After such a cell (IPython's `post_run_cell` event, so IPython's own traceback is already shown
-and nothing about the exception changes), this module:
+and nothing about the exception changes), `OOMRescue`:
 
 1. clears the failing traceback's frames (their locals go; the exception object, its type and
    its traceback lines stay), collects garbage and empties PyTorch's CUDA cache, and proves with
    weak references which tensors that only the frames held are gone;
-2. explains: what was requested and what was free (from PyTorch's message, and measured now),
-   who still holds memory, how many tokens of KV cache fit next to a loaded model, what to do.
+2. measures what is left (free memory, who holds it, each loaded model's generation headroom)
+   into an `oom_report.OOMExplanation`, and shows it below the traceback.
 
-The explanation is plain data (`OOMExplanation`); `render_oom` turns it into a rich renderable.
 torch is never imported here: an OOM from torch means torch is already loaded.
 """
 
@@ -27,15 +26,16 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .holders import HIDDEN, NAMED, UNNAMED, HolderRow
+from .holders import HolderRow, scan_holders
+from .oom_report import OOMExplanation, advise
+from .release import HiddenRef, Target, release
+from .shellrefs import clear_traceback_frames, frame_roots, hidden_refs, naming_roots, visible_names
 from .tensors import Footprint, find_tensor_holders, loaded_torch
-from .shellrefs import clear_traceback_frames, frame_roots
-from .units import format_bytes
+from .walk import WalkStats, instance_dict
 
 OOM_TEXT = "out of memory"
 MAX_HOLDERS = 6  # holders listed in the explanation, biggest first
-MAX_MODELS = 3  # models given a KV-cache headroom line
-
+MAX_MODELS = 3  # models given a generation-headroom line
 
 
 # -- recognising an OOM -----------------------------------------------------------------------
@@ -153,6 +153,11 @@ def parse_oom_message(text: str) -> OOMMessage:
     )
 
 
+def _first_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {_message(error)}"
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
 # -- releasing the failing traceback's frames ----------------------------------------------
 
 
@@ -196,10 +201,6 @@ def _frame_only_targets(shell, tracebacks: list[types.TracebackType]) -> list:
     local that is a piece of a named model (`self` in a layer's forward) shares all its storages
     with the model and is left out too: clearing the frame frees nothing of it.
     """
-    from .release import Target
-    from .shellrefs import visible_names
-    from .walk import WalkStats
-
     stats = WalkStats()
     stats.seen.add(id(shell))  # never walk into the shell: it reaches its own history
     named = Footprint().add_all(leaf for _, leaf in find_tensor_holders(visible_names(shell), stats=stats))
@@ -213,9 +214,6 @@ def _frame_only_targets(shell, tracebacks: list[types.TracebackType]) -> list:
 
 def release_frames(shell, error: BaseException) -> FrameRelease:
     """Clear the failing traceback's frames, collect, empty the CUDA cache; prove what went."""
-    from .release import HiddenRef, release
-    from .shellrefs import naming_roots
-
     tracebacks = _tracebacks(shell, error)
     cleared: list[int] = []
     frames = HiddenRef(
@@ -234,52 +232,7 @@ def release_frames(shell, error: BaseException) -> FrameRelease:
     )
 
 
-# -- the explanation ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KVHeadroom:
-    """How much KV cache fits next to a loaded model, on the device holding most of it."""
-
-    model: str  # the user's name for it
-    device: str
-    dtype: str  # the cache's dtype ("bfloat16")
-    bytes_per_token: int  # bytes per token of one sequence, layers that keep growing
-    free_bytes: int | None  # free on `device` now (cuda: driver free + PyTorch's unused cache)
-    tokens: int | None  # tokens per sequence that fit at batch 1; None: unknown or unbounded
-    unbounded: bool  # nothing grows per token: any length fits
-    note: str | None = None
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class OOMExplanation:
-    error: str  # "OutOfMemoryError: CUDA out of memory. Tried to allocate ..." (first line)
-    message: OOMMessage  # figures at the moment of failure
-    device: str | None  # the device that ran out, when known
-    free_bytes_now: int | None  # measured after the rescue; None: unknown
-    free_note: str | None  # why free_bytes_now is unknown
-    released: FrameRelease
-    holders: tuple[HolderRow, ...]  # biggest first (on the failing device, then in total)
-    holders_truncated: bool  # the holder walk ran out of budget: some may be missing
-    headroom: tuple[KVHeadroom, ...]
-    advice: tuple[str, ...]
-
-    def to_dict(self) -> dict:
-        return {
-            "error": self.error,
-            "message": self.message.to_dict(),
-            "device": self.device,
-            "free_bytes_now": self.free_bytes_now,
-            "free_note": self.free_note,
-            "released": self.released.to_dict(),
-            "holders": [row.to_dict() for row in self.holders],
-            "holders_truncated": self.holders_truncated,
-            "headroom": [item.to_dict() for item in self.headroom],
-            "advice": list(self.advice),
-        }
+# -- measuring what is left ------------------------------------------------------------------
 
 
 def _current_device() -> str | None:
@@ -293,8 +246,8 @@ def _current_device() -> str | None:
     return None
 
 
-def _usable_free(snapshot, device: str) -> tuple[int | None, str | None]:
-    """Bytes a new allocation on `device` can get now: driver free plus PyTorch's unused cache."""
+def _free_now(snapshot, device: str) -> tuple[int | None, str | None]:
+    """Bytes a new allocation on `device` can get now (driver free plus PyTorch's unused cache), or why unknown."""
     row = snapshot.device(device)
     if row is None:
         return None, f"CUDA {snapshot.cuda_state}" if device.startswith("cuda") else "not measured"
@@ -309,103 +262,24 @@ def _rank_holders(rows, device: str | None) -> tuple[HolderRow, ...]:
     return tuple(held[:MAX_HOLDERS])
 
 
-def _named_models(shell) -> list[tuple[str, Any]]:
+def _language_models(shell) -> list[tuple[str, Any]]:
+    """The user's models that have a config to size a KV cache from (a plain torch module has none)."""
     from .placement import find_model
-    from .shellrefs import visible_names
 
     found: list[tuple[str, Any]] = []
     for name, value in visible_names(shell):
         model = find_model(value)
-        if model is not None and all(model is not other for _, other in found):
+        if model is None or any(model is other for _, other in found):
+            continue
+        if (instance_dict(model) or {}).get("config") is not None:
             found.append((name if model is value else f"{name}.model", model))
     return found
 
 
-def _model_dtype(model: Any) -> Any:
-    # PreTrainedModel.dtype: the first floating-point parameter's (quantized weights are not).
-    try:
-        return getattr(model, "dtype")
-    except Exception:
-        return "auto"
-
-
-def _main_device(placement) -> str | None:
-    """Where most of the model's bytes are: an accelerator if any, else cpu."""
-    rows = placement.accelerator_rows or tuple(row for row in placement.rows if row.device == "cpu")
-    return max(rows, key=lambda row: row.nbytes).device if rows else None
-
-
-def kv_headroom(name: str, model: Any, snapshot) -> KVHeadroom | None:
-    """KV tokens that fit now next to `model` (a transformers model: it needs its config)."""
-    from .kvcache import kv_cache_profile, tokens_that_fit
-    from .placement import model_placement
-    from .walk import instance_dict
-
-    config = (instance_dict(model) or {}).get("config")
-    if config is None:
-        return None  # a plain torch module: no config to size a KV cache from
-    device = _main_device(model_placement(model, name))
-    if device is None:
-        return None
-    try:
-        profile = kv_cache_profile(config, _model_dtype(model))
-    except (TypeError, ValueError) as error:
-        return KVHeadroom(name, device, "unknown", 0, None, None, False, note=f"KV cache size unknown: {error}")
-    free, why = _usable_free(snapshot, device)
-    fits = None if free is None else tokens_that_fit(profile, free, batch=1)
-    unbounded = free is not None and fits is None
-    note = f"free memory on {device} unknown: {why}" if free is None else None
-    if profile.layers == ():
-        note = "; ".join(profile.notes) or "KV cache size unknown"
-    return KVHeadroom(name, device, profile.dtype, profile.bytes_per_token, free, fits, unbounded, note)
-
-
-def _advice(
-    message: OOMMessage, holders: tuple[HolderRow, ...], headroom: tuple[KVHeadroom, ...], device: str | None
-) -> tuple[str, ...]:
-    from .render import format_by_device
-
-    advice = []
-    hidden = [row for row in holders if row.kind == HIDDEN]
-    if hidden:
-        where = ", ".join(row.path for row in hidden[:3])
-        advice.append(f"%llmfree --hidden: drop the copies only output history or a traceback holds ({where}).")
-    unnamed = [row for row in holders if row.kind == UNNAMED]
-    if unnamed:
-        held: dict[str, int] = {}
-        for row in unnamed:
-            for dev, nbytes in row.bytes_by_device.items():
-                held[dev] = held.get(dev, 0) + nbytes
-        advice.append(
-            f"{format_by_device(held)} is held by objects no name reaches (a closure, a hook, another module): "
-            "find and drop that reference, or restart the kernel."
-        )
-    named = [row for row in holders if row.kind == NAMED and (device is None or row.bytes_by_device.get(device))]
-    if named:
-        advice.append(f"%llmfree NAME for what you no longer need (biggest here: {', '.join(row.path for row in named[:3])}).")
-    per_token = next((item for item in headroom if item.bytes_per_token), None)
-    growth = f": {format_bytes(per_token.bytes_per_token)} per token for {per_token.model}" if per_token else ""
-    advice.append(f"Lower the batch size or max_new_tokens; the KV cache grows with both{growth}.")
-    advice.append("%%llmload MODEL to reload the model clean: it releases the old copy and its hidden copies first.")
-    fragmented = message.reserved_unallocated_bytes
-    if fragmented and message.requested_bytes and fragmented >= message.requested_bytes:
-        advice.append(
-            f"PyTorch holds {format_bytes(fragmented)} reserved but unallocated (fragmentation): start the kernel "
-            "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True."
-        )
-    return tuple(advice)
-
-
-def _first_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {_message(error)}"
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
 def rescue(shell, error: BaseException) -> OOMExplanation:
-    """Release the failing frames of an OOM, then explain it. `error` is the cell's error."""
+    """Release the failing frames of an OOM, then explain it."""
     from .devices import memory_snapshot
-    from .holders import scan_holders
-    from .shellrefs import hidden_refs, visible_names
+    from .headroom import generation_headroom
 
     oom = find_oom(error) or error
     message = parse_oom_message(_message(oom))
@@ -413,13 +287,11 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
 
     device = message.device or _current_device()
     snapshot = memory_snapshot()
-    free_now, free_note = _usable_free(snapshot, device) if device else (None, "the message names no device")
+    free_now, free_note = _free_now(snapshot, device) if device else (None, "the message names no device")
     # After the release, so that what the frames held is gone from the list.
     scan = scan_holders(visible_names(shell), hidden_refs(shell), find_orphans=True)
     holders = _rank_holders(scan.rows, device)
-    headroom = tuple(
-        item for item in (kv_headroom(name, model, snapshot) for name, model in _named_models(shell)[:MAX_MODELS]) if item
-    )
+    headroom = tuple(generation_headroom(model, name, snapshot) for name, model in _language_models(shell)[:MAX_MODELS])
     return OOMExplanation(
         error=_first_line(oom),
         message=message,
@@ -430,82 +302,8 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
         holders=holders,
         holders_truncated=scan.truncated,
         headroom=headroom,
-        advice=_advice(message, holders, headroom, device),
+        advice=advise(message, holders, headroom, device),
     )
-
-
-# -- rendering --------------------------------------------------------------------------------
-
-
-def _failure_line(explanation: OOMExplanation) -> str:
-    message = explanation.message
-    where = f" on {explanation.device}" if explanation.device else ""
-    parts = []
-    if message.requested_bytes is not None:
-        parts.append(f"tried to allocate {format_bytes(message.requested_bytes)}")
-    if message.free_bytes is not None:
-        total = f" of {format_bytes(message.total_bytes)}" if message.total_bytes is not None else ""
-        parts.append(f"{format_bytes(message.free_bytes)} was free{total}")
-    if not parts:  # a message with no figures ("CUDA error: out of memory")
-        return f"Out of memory{where} ({explanation.error}); the message gives no sizes."
-    return f"Out of memory{where}: " + ", ".join(parts) + "."
-
-
-def _released_line(explanation: OOMExplanation) -> str:
-    from .render import format_by_device
-
-    released = explanation.released
-    if released.freed_bytes:
-        locals_ = ", ".join(released.freed[:3]) + (f" and {len(released.freed) - 3} more" if len(released.freed) > 3 else "")
-        return f"Freed now: {format_by_device(released.freed_bytes)}, held only by the failing traceback ({locals_})."
-    return "Cleared the failing traceback's frames: they held no tensor that is not held elsewhere."
-
-
-def _headroom_line(item: KVHeadroom) -> str:
-    if item.bytes_per_token == 0 and item.note:
-        return f"KV cache of {item.model}: {item.note}"
-    head = f"KV cache of {item.model} ({item.dtype}): {format_bytes(item.bytes_per_token)} per token"
-    if item.free_bytes is None:
-        return f"{head}; {item.note or 'free memory unknown'}."
-    if item.unbounded:
-        return f"{head}; {format_bytes(item.free_bytes)} free on {item.device}: any length fits."
-    return f"{head}; {format_bytes(item.free_bytes)} free on {item.device}: about {item.tokens:,} tokens fit at batch 1."
-
-
-def render_oom(explanation: OOMExplanation):
-    """A rich renderable: what failed, what came back, who holds memory, what to do."""
-    from rich import box
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    from .render import DIM, OK, WARN, format_by_device
-
-    parts: list[Any] = [Text(_failure_line(explanation), style=WARN)]
-    freed = bool(explanation.released.freed_bytes)
-    parts.append(Text(_released_line(explanation), style=OK if freed else DIM))
-    for label, held_by in explanation.released.kept:
-        parts.append(Text(f"Not freed: {label}, still held by {'; '.join(held_by)}", style=WARN))
-    device = explanation.device or "the device"
-    free_now = format_bytes(explanation.free_bytes_now)
-    suffix = f" ({explanation.free_note})" if explanation.free_bytes_now is None and explanation.free_note else ""
-    parts.append(Text(f"Free on {device} now: {free_now}{suffix}"))
-    if explanation.holders:
-        table = Table(
-            title="What holds memory now", title_justify="left", title_style="bold", box=box.SIMPLE_HEAVY, pad_edge=False
-        )
-        for name, justify in (("holder", "left"), ("kind", "left"), ("type", "left"), ("memory", "right")):
-            table.add_column(name, justify=justify)
-        for row in explanation.holders:
-            table.add_row(row.path, row.kind, row.type_name, format_by_device(row.bytes_by_device))
-        if explanation.holders_truncated:
-            table.caption = "the search ran out of budget: some holders may be missing"
-        parts.append(table)
-    for item in explanation.headroom:
-        parts.append(Text(_headroom_line(item)))
-    parts.append(Text("What to do:", style="bold"))
-    parts += [Text(f"  • {line}") for line in explanation.advice]
-    return Group(*parts)
 
 
 # -- the IPython hook -------------------------------------------------------------------------
@@ -543,18 +341,12 @@ class OOMRescue:
         if error is None or not self.enabled() or find_oom(error) is None:
             return
         try:
+            from .oom_report import render_oom
+            from .render import show
+
             self.last_explanation = rescue(self.shell, error)
-            self._display(self.last_explanation)
+            (self._show or show)(render_oom(self.last_explanation))
         except Exception as failure:  # noqa: BLE001
             # Raising here would make IPython show *our* traceback and store it as the last
             # exception, hiding the user's OOM from %debug and %tb: say it in one line instead.
             print(f"llm_magic: the out-of-memory rescue failed: {type(failure).__name__}: {failure}", file=sys.stderr)
-
-    def _display(self, explanation: OOMExplanation) -> None:
-        from .render import show
-
-        renderable = render_oom(explanation)
-        # rich tells a notebook by the builtin `get_ipython`, which IPython puts in builtins only
-        # while a cell runs: without it, post_run_cell output would be ANSI text, not HTML.
-        with self.shell.builtin_trap:
-            (self._show or show)(renderable)

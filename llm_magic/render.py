@@ -1,7 +1,9 @@
 """Rendering reports with rich: a coloured table in a terminal, HTML in a notebook.
 
-Only this module knows about rich. Every function takes plain report data and returns a rich
-renderable; nothing here measures or changes anything.
+This module holds the shared pieces (styles, `new_table`, `stack`, `mimebundle`, `show`) and the
+renderers of the magics' reports; `oom_report.py` renders the OOM explanation with the same
+pieces. Every function takes plain report data and returns a rich renderable; nothing here
+measures or changes anything.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ UNNAMED_STYLE = "#8e24aa"
 DIM = "dim"
 
 
-def _table(title: str, *columns: tuple[str, str]) -> Table:
+def new_table(title: str, *columns: tuple[str, str]) -> Table:
     # min_width keeps a short table from wrapping its own title.
     # SIMPLE_HEAD without edges: no blank lines around the rows, so a report stays compact.
     table = Table(
@@ -38,7 +40,7 @@ def _table(title: str, *columns: tuple[str, str]) -> Table:
     return table
 
 
-def _stack(parts: Iterable[Any]) -> Group:
+def stack(parts: Iterable[Any]) -> Group:
     """Sections one under the other, a blank line before each table so titles stand apart."""
     stacked: list[Any] = []
     for part in parts:
@@ -53,7 +55,7 @@ def _stack(parts: Iterable[Any]) -> Group:
 def released_table(released, nothing: str = "no existing object held tensors the cell replaces") -> Table | Text:
     if not released.released:
         return Text(f"Released: nothing ({nothing}).", style=DIM)
-    table = _table("Released", ("object", "left"), ("type", "left"), ("memory", "right"), ("references dropped", "left"), ("status", "left"))
+    table = new_table("Released", ("object", "left"), ("type", "left"), ("memory", "right"), ("references dropped", "left"), ("status", "left"))
     for item in released.released:
         if released.dry_run:
             status = Text("would be released", style=DIM)
@@ -74,7 +76,7 @@ def render_release(released, heading: str) -> Group:
     if not released.dry_run:
         freed = format_by_device(released.freed_bytes) if released.freed_bytes else "nothing"
         parts.append(Text(f"Freed: {freed}", style=OK if released.freed_bytes else DIM))
-    return _stack(parts)
+    return stack(parts)
 
 
 def placement_table(placement, predicted: dict[str, int] | None = None) -> Table:
@@ -82,7 +84,7 @@ def placement_table(placement, predicted: dict[str, int] | None = None) -> Table
     if predicted is not None:
         columns.append(("predicted", "right"))
     title = f"{placement.name}: {placement.class_name}, {format_bytes(placement.total_bytes)}"
-    table = _table(title, *columns)
+    table = new_table(title, *columns)
     for row in placement.rows:
         slow = row.device in ("cpu", "disk") and placement_has_accelerator(placement) or row.device == "disk"
         style = WARN if slow else None
@@ -100,7 +102,7 @@ def placement_has_accelerator(placement) -> bool:
 def memory_table(before, after) -> Table | None:
     if before is None and after is None:
         return None
-    table = _table("Free memory", ("device", "left"), ("before", "right"), ("after", "right"), ("change (system-wide)", "right"))
+    table = new_table("Free memory", ("device", "left"), ("before", "right"), ("after", "right"), ("change (system-wide)", "right"))
     before_free = {d.device: d.free_bytes for d in getattr(before, "devices", ())}
     after_free = {d.device: d.free_bytes for d in getattr(after, "devices", ())}
     for device in sorted(set(before_free) | set(after_free), key=device_sort_key):
@@ -114,7 +116,7 @@ def kept_table(kept: Iterable) -> Table | None:
     kept = list(kept)
     if not kept:
         return None
-    table = _table("Still loaded (kept: not replaced by this cell)", ("name", "left"), ("type", "left"), ("memory", "right"))
+    table = new_table("Still loaded (kept: not replaced by this cell)", ("name", "left"), ("type", "left"), ("memory", "right"))
     for holder in kept:
         table.add_row(holder.path, holder.type_name.rsplit(".", 1)[-1], format_by_device(holder.bytes_by_device))
     table.caption = "free them with %llmfree NAME ..., or reload with %%llmload --release-all"
@@ -137,7 +139,7 @@ def prediction_table(item) -> Table | Text:
         why = "; ".join(p.notes) or p.status
         return Text(f"Predicted placement of {name}: unknown ({why})", style=DIM)
     title = f"Predicted placement of {name}: {p.model_class}, {format_bytes(p.total_bytes)} in {p.dtype}"
-    table = _table(title, ("device", "left"), ("modules", "right"), ("bytes", "right"), ("share", "right"))
+    table = new_table(title, ("device", "left"), ("modules", "right"), ("bytes", "right"), ("share", "right"))
     counts: dict[str, int] = {}
     for device in (p.device_map or {}).values():
         counts[device] = counts.get(device, 0) + 1
@@ -176,7 +178,7 @@ def render_load_report(report) -> Group:
     parts.append(memory_table(report.memory_before, report.memory_after))
     if report.error:
         parts.append(Text(f"The cell raised {report.error} (traceback below).", style=WARN))
-    return _stack(parts)
+    return stack(parts)
 
 
 def mimebundle(renderable, width: int = 110) -> dict[str, str]:
@@ -228,7 +230,7 @@ def _in_kernel() -> bool:
 def _without_empty_columns(title: str, columns: list[tuple[str, str]], rows: list[tuple[list, Any]]) -> Table:
     """A table of `rows` ((cells, style) pairs) leaving out columns that are empty in every row."""
     keep = [i for i in range(len(columns)) if any(cells[i] for cells, _ in rows)]
-    table = _table(title, *(columns[i] for i in keep))
+    table = new_table(title, *(columns[i] for i in keep))
     for cells, style in rows:
         table.add_row(*(cells[i] for i in keep), style=style)
     return table
@@ -315,7 +317,7 @@ def _reconciliation_lines(state) -> Text:
 def _disk_table(disk) -> Table | None:
     if not disk:
         return None
-    table = _table("Disk (offloaded weights are read from here)", ("path", "left"), ("kind", "left"), ("size", "right"))
+    table = new_table("Disk (offloaded weights are read from here)", ("path", "left"), ("kind", "left"), ("size", "right"))
     for source in disk:
         table.add_row(source.path, source.kind, format_bytes(source.nbytes))
     return table
@@ -331,4 +333,4 @@ def render_gpustate(state) -> Group:
     parts.append(_disk_table(state.disk))
     parts.append(_holders_table(state))
     parts.append(_reconciliation_lines(state))
-    return _stack(parts)
+    return stack(parts)

@@ -280,7 +280,7 @@ def _last_exception(shell, result: Any) -> BaseException | None:
 
 def frames_hold_tensors(error: BaseException) -> bool:
     """Do the locals of the exception's frames (the user's and libraries', not IPython's) hold tensors?"""
-    from .oom import frame_roots  # one definition of "the frames worth looking at"
+    from .shellrefs import frame_roots  # one definition of "the frames worth looking at"
 
     tb = error.__traceback__
     return tb is not None and holds_tensors(dict(frame_roots([tb])), budget=PROBE_BUDGET)

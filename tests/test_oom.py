@@ -38,23 +38,42 @@ def step(error):
 """
 
 
-@pytest.fixture
-def bare_shell():
-    """A fresh InteractiveShell without the extension: the rescue is registered by the test."""
+def _fresh_shell(kind):
+    """A fresh shell of class `kind` without the extension, torn down after the test."""
     from IPython.core.interactiveshell import InteractiveShell
 
     InteractiveShell.clear_instance()
     for name in ("last_type", "last_value", "last_traceback", "last_exc"):
         if hasattr(sys, name):
             delattr(sys, name)
-    ip = InteractiveShell.instance()
+    ip = kind.instance()
     yield ip
     # Tests that leave a traceback alive (rescue off, other errors) must not leak its 50 MB
     # into later tests, where it would show as an unnamed holder.
     clear_exception_state(ip)
     ip.reset(new_session=False)
+    kind.clear_instance()
     InteractiveShell.clear_instance()
     gc.collect()
+
+
+@pytest.fixture
+def bare_shell():
+    """A fresh InteractiveShell without the extension: the rescue is registered by the test."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    yield from _fresh_shell(InteractiveShell)
+
+
+@pytest.fixture
+def kernel_shell():
+    """A bare shell that render.show takes for a notebook kernel (it goes by the class name)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    class ZMQInteractiveShell(InteractiveShell):
+        pass
+
+    yield from _fresh_shell(ZMQInteractiveShell)
 
 
 @pytest.fixture
@@ -185,12 +204,14 @@ def test_explanation_lists_hidden_holders_and_kv_headroom(bare_shell, rescue, ti
     paths = [row.path for row in explanation.holders]
     assert "model" in paths and any(path.startswith("Out[") for path in paths)
     assert "%llmfree --hidden" in output
-    (headroom,) = explanation.headroom
+    (headroom,) = explanation.headroom  # a headroom.Headroom, as %%llmload reports it
     # tiny llama: 4 layers x K+V x 2 kv heads x head_dim 16 x 4 bytes (float32)
-    assert headroom.model == "model" and headroom.device == "cpu"
+    assert headroom.name == "model" and headroom.device == "cpu" and headroom.dtype == "float32"
     assert headroom.bytes_per_token == 4 * 2 * 2 * 16 * 4
-    assert headroom.free_bytes and headroom.tokens == headroom.free_bytes // headroom.bytes_per_token
-    assert "KV cache of model (float32): 1 KiB per token" in output and "tokens fit at batch 1" in output
+    (cpu,) = headroom.devices
+    assert cpu.free_bytes and headroom.fits[0].tokens == cpu.free_bytes // headroom.bytes_per_token
+    assert "Generation headroom of model (float32): KV cache 1 KiB/token on cpu" in output
+    assert "tokens fit at batch 1" in output
 
 
 def test_unregister_restores_callbacks_exactly(bare_shell):
@@ -227,19 +248,25 @@ def test_rescue_failure_keeps_the_users_exception(bare_shell):
     assert sys.last_value is result.error_in_exec
 
 
-def test_explanation_is_shown_as_during_a_cell(bare_shell):
-    # rich recognises a notebook by the builtin get_ipython, present only while a cell runs;
-    # post_run_cell is after the cell, so the rescue puts it back while it displays.
+def test_explanation_shows_as_html_in_a_kernel_after_the_cell(kernel_shell):
+    # post_run_cell runs after the cell, when IPython has taken the builtin `get_ipython` away
+    # again (rich's notebook test): render.show asks IPython.get_ipython() instead, so the
+    # explanation still comes out as HTML, not as ANSI text, and builtins stay untouched.
     import builtins
 
-    seen = []
-    handler = OOMRescue(bare_shell, show=lambda renderable: seen.append(builtins.__dict__.get("get_ipython")))
+    handler = OOMRescue(kernel_shell)
     handler.register()
     try:
-        fail_in_step(bare_shell, "torch.OutOfMemoryError(OOM_TEXT)")
+        setup(kernel_shell, FAILING_STEP)
+        kernel_shell.user_ns["OOM_TEXT"] = OOM_TEXT
+        with capture_output() as captured:
+            kernel_shell.run_cell("step(torch.OutOfMemoryError(OOM_TEXT))", store_history=True)
     finally:
         handler.unregister()
-    assert seen == [bare_shell.get_ipython]
+    (bundle,) = [output.data for output in captured.outputs if "text/html" in output.data]
+    assert 'class="llm-magic"' in bundle["text/html"] and HEADING in bundle["text/html"]
+    assert HEADING in bundle["text/plain"] and "\x1b[" not in bundle["text/plain"]
+    assert HEADING not in captured.stdout
     assert "get_ipython" not in builtins.__dict__
 
 
@@ -280,7 +307,7 @@ def test_find_oom_checks_real_types():
 def test_modules_never_pass_trust_remote_code():
     # They read the loaded model's config; they never load a config or a model themselves.
     package = pathlib.Path(__file__).resolve().parent.parent / "llm_magic"
-    for name in ("oom.py", "watch.py"):
+    for name in ("oom.py", "oom_report.py", "watch.py"):
         source = (package / name).read_text()
         assert "trust_remote_code" not in source and "from_pretrained" not in source
 
@@ -288,7 +315,7 @@ def test_modules_never_pass_trust_remote_code():
 def test_importing_the_modules_does_not_import_torch():
     import subprocess
 
-    code = "import sys, llm_magic.oom, llm_magic.watch; print('torch' in sys.modules)"
+    code = "import sys, llm_magic.oom, llm_magic.oom_report, llm_magic.watch; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
