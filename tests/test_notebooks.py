@@ -202,3 +202,32 @@ def test_demo_transcript_has_the_tables_as_plain_text(quickstart):
     assert "%%llmload" in transcript and "old model freed: True" in transcript
     assert "RuntimeError: shape mismatch (simulated)" in transcript
     assert not ANSI.search(transcript)
+
+
+# --- the OOM rescue and watch-mode notebook -------------------------------------------------------
+
+RESCUE = NOTEBOOKS / "oom_rescue_and_watch.ipynb"
+
+
+@pytest.fixture(scope="module")
+def rescue(executed):
+    return executed(RESCUE)
+
+
+def test_rescue_watch_prints_one_line_for_the_new_model_only(rescue):
+    cells = code_cells(rescue)
+    load = cells[cell_index(rescue, "from transformers import AutoModelForCausalLM")]
+    assert re.search(r"model \(LlamaForCausalLM, [\d.]+ MiB\): \d+ modules cpu", all_text(load))
+    assert all_text(cells[cell_index(rescue, "x = 1 + 1")]).strip() == ""
+
+
+def test_rescue_oom_explained_below_the_traceback_and_frames_freed(rescue):
+    cells = code_cells(rescue)
+    failing = cells[cell_index(rescue, "import weakref")]
+    kinds = [out.output_type for out in failing.outputs]
+    assert "error" in kinds and [o for o in failing.outputs if o.output_type == "error"][0].ename == "OutOfMemoryError"
+    after_error = failing.outputs[kinds.index("error") + 1 :]
+    explanation = " ".join(out["data"].get("text/plain", "") for out in after_error if out.output_type == "display_data")
+    assert "tried to allocate 2 GiB" in explanation and "Freed now: 47.7 MiB cpu" in explanation
+    assert any(MAGIC_CLASS in out["data"].get("text/html", "") for out in after_error if out.output_type == "display_data")
+    assert "activations freed: True" in stdout(cells[cell_index(rescue, 'print("activations freed:"')])
