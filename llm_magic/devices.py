@@ -90,6 +90,19 @@ class MemorySnapshot:
                 return device
         return None
 
+    def usable_free(self, name: str) -> tuple[int | None, str | None]:
+        """(bytes a new allocation on `name` can get now, None) or (None, why it is unknown).
+
+        cpu: available RAM. A GPU: driver free plus PyTorch's cached-but-unused blocks, which
+        the allocator hands out before asking the driver.
+        """
+        row = self.device(name)
+        if row is None:
+            return None, f"CUDA {self.cuda_state}" if name.startswith("cuda") else "not in the memory snapshot"
+        if row.free_bytes is None:
+            return None, row.note or "not measured"
+        return row.free_bytes + (row.reserved_unused_bytes or 0), None
+
     @property
     def cuda_devices(self) -> tuple[DeviceMemory, ...]:
         return tuple(device for device in self.devices if device.device.startswith("cuda:"))
@@ -303,12 +316,12 @@ def free_after_release(
     cached: dict[str, int] = {}
     for index in range(snapshot.cuda_device_count or 0):
         name = f"cuda:{index}"
-        row = snapshot.device(name)
-        if row is None or row.free_bytes is None or row.reserved_unused_bytes is None:
+        usable, _ = snapshot.usable_free(name)
+        if usable is None:
             free[name] = None
             continue
-        free[name] = row.free_bytes + row.reserved_unused_bytes + freed.get(name, 0)
-        cached[name] = 0 if empty_cache else row.reserved_unused_bytes
+        free[name] = usable + freed.get(name, 0)
+        cached[name] = 0 if empty_cache else snapshot.device(name).reserved_unused_bytes or 0
     cpu = snapshot.device("cpu")
     if cpu is not None:
         free["cpu"] = None if cpu.free_bytes is None else cpu.free_bytes + freed.get("cpu", 0)

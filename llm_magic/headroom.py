@@ -259,18 +259,10 @@ def _subprofile(profile: KVProfile, layers: list) -> KVProfile:
 
 
 def _free_bytes(device: str, snapshot: MemorySnapshot, notes: list[str]) -> int | None:
-    """Free bytes on `device`: cpu available RAM; GPU driver free + PyTorch's unused cache."""
-    row = snapshot.device(device)
-    if row is None:
-        why = f"CUDA {snapshot.cuda_state}" if device.startswith("cuda") else "not in the memory snapshot"
+    free, why = snapshot.usable_free(device)
+    if free is None:
         notes.append(f"free memory on {device} unknown ({why})")
-        return None
-    if row.free_bytes is None:
-        notes.append(f"free memory on {device} unknown ({row.note or 'not measured'})")
-        return None
-    if device == "cpu":
-        return row.free_bytes
-    return row.free_bytes + (row.reserved_unused_bytes or 0)
+    return free
 
 
 def _fit(profile: KVProfile, free: int | None, batch: int) -> Fit:

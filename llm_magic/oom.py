@@ -246,16 +246,6 @@ def _current_device() -> str | None:
     return None
 
 
-def _free_now(snapshot, device: str) -> tuple[int | None, str | None]:
-    """Bytes a new allocation on `device` can get now (driver free plus PyTorch's unused cache), or why unknown."""
-    row = snapshot.device(device)
-    if row is None:
-        return None, f"CUDA {snapshot.cuda_state}" if device.startswith("cuda") else "not measured"
-    if row.free_bytes is None:
-        return None, row.note
-    return row.free_bytes + (row.reserved_unused_bytes or 0), None
-
-
 def _rank_holders(rows, device: str | None) -> tuple[HolderRow, ...]:
     held = [row for row in rows if row.total > 0]
     held.sort(key=lambda row: (-(row.bytes_by_device.get(device, 0) if device else 0), -row.total, row.path))
@@ -287,7 +277,7 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
 
     device = message.device or _current_device()
     snapshot = memory_snapshot()
-    free_now, free_note = _free_now(snapshot, device) if device else (None, "the message names no device")
+    free_now, free_note = snapshot.usable_free(device) if device else (None, "the message names no device")
     # After the release, so that what the frames held is gone from the list.
     scan = scan_holders(visible_names(shell), hidden_refs(shell), find_orphans=True)
     holders = _rank_holders(scan.rows, device)
