@@ -48,6 +48,8 @@ def parse_body(source: str, filename: str = "<llmload>") -> ast.Module:
     except SyntaxError as error:
         where = f"line {error.lineno}" if error.lineno else "the body"
         raise CellSyntaxError(f"syntax error in the cell body at {where}: {error.msg}") from None
+    except RecursionError:  # Python cannot compile it either: expressions nested too deeply
+        raise CellSyntaxError("the cell body is nested too deeply for Python to compile") from None
 
 
 def _constant_key(node: ast.expr) -> tuple[bool, Any]:
@@ -92,61 +94,57 @@ def _flatten(target: ast.expr) -> Iterator[ast.expr]:
         yield target
 
 
-class _TargetCollector(ast.NodeVisitor):
-    """Targets the body rebinds at cell level (function and class bodies have their own scope)."""
-
-    def __init__(self) -> None:
-        self.targets: list[TargetPath] = []
-
-    def _add(self, node: ast.expr) -> None:
-        for element in _flatten(node):
-            path = target_path(element)
-            if path is not None and path not in self.targets:
-                self.targets.append(path)
-
-    def visit_Assign(self, node: ast.Assign) -> None:
-        for target in node.targets:
-            self._add(target)
-        self.generic_visit(node)
-
-    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
-        if node.value is not None:
-            self._add(node.target)
-        self.generic_visit(node)
-
-    def visit_NamedExpr(self, node: ast.NamedExpr) -> None:
-        self._add(node.target)
-        self.generic_visit(node)
-
-    # New scopes: their assignments do not replace anything in the user namespace.
-    def visit_FunctionDef(self, node: ast.AST) -> None:
-        return
-
-    visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = visit_FunctionDef
-
-    def visit_ListComp(self, node: ast.AST) -> None:
-        return
-
-    visit_SetComp = visit_DictComp = visit_GeneratorExp = visit_ListComp
+# Nodes that open a new scope: assignments inside them do not replace anything in the user
+# namespace, so they are not read.
+_NEW_SCOPES = (
+    ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda,
+    ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp,
+)
 
 
 def assignment_targets(tree: ast.Module) -> list[TargetPath]:
-    """Simple targets the body assigns, in order of appearance, without duplicates."""
-    collector = _TargetCollector()
-    collector.visit(tree)
-    return collector.targets
+    """Simple targets the body assigns at cell level, in order of appearance, without duplicates.
+
+    An explicit stack, not ast.NodeVisitor: a body Python compiles (`x = 1 + 1 + ...` with
+    hundreds of terms) can nest deeper than the recursion limit allows a visitor to go.
+    """
+    targets: list[TargetPath] = []
+    known: set[TargetPath] = set()
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _NEW_SCOPES):
+            continue
+        if isinstance(node, ast.Assign):
+            assigned = list(node.targets)
+        elif isinstance(node, ast.AnnAssign) and node.value is not None or isinstance(node, ast.NamedExpr):
+            assigned = [node.target]
+        else:
+            assigned = []
+        for target in assigned:
+            for element in _flatten(target):
+                path = target_path(element)
+                if path is not None and path not in known:
+                    known.add(path)
+                    targets.append(path)
+        stack.extend(reversed(list(ast.iter_child_nodes(node))))
+    return targets
 
 
 def parse_target(text: str) -> TargetPath:
     """Parse a user-typed name such as `model` or `results[0].model` (for `%llmfree`)."""
     try:
         node = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError:
-        raise ValueError(f"{text!r} is not a name") from None
+    except (SyntaxError, RecursionError):
+        raise ValueError(f"{_shorten(text)!r} is not a name") from None
     path = target_path(node)
     if path is None:
-        raise ValueError(f"{text!r} is not a simple name (use NAME, NAME.attr or NAME['key'])")
+        raise ValueError(f"{_shorten(text)!r} is not a simple name (use NAME, NAME.attr or NAME['key'])")
     return path
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Unresolvable(LookupError):
@@ -199,6 +197,9 @@ def unbinder(path: TargetPath, namespace: dict) -> Callable[[], None]:
 
     A name or a dict key is deleted; a list slot is set to None (deleting would shift the
     items after it); an attribute is deleted, or set to None where it cannot be deleted.
+    The container is judged by its real type (its `__class__` can raise or lie), and the
+    function never raises: a container that refuses keeps its reference, and the release's
+    weak-reference check then reports the object as still held, by this very path.
     """
     parent, step = resolve_parent(path, namespace)
     if step is None:
@@ -208,16 +209,33 @@ def unbinder(path: TargetPath, namespace: dict) -> Callable[[], None]:
             try:
                 delattr(parent, step.key)
             except Exception:
-                setattr(parent, step.key, None)
+                try:
+                    setattr(parent, step.key, None)
+                except Exception:
+                    pass
 
         return clear_attribute
-    if isinstance(parent, (list, tuple)) or type(step.key) is int and not isinstance(parent, Mapping):
+    kind = type(parent)
+    if issubclass(kind, (list, tuple)) or type(step.key) is int and not _is_mapping_type(kind):
         def clear_slot() -> None:
-            parent[step.key] = None
+            try:
+                parent[step.key] = None
+            except Exception:
+                pass
 
         return clear_slot
 
     def clear_item() -> None:
-        del parent[step.key]
+        try:
+            del parent[step.key]
+        except Exception:
+            pass
 
     return clear_item
+
+
+def _is_mapping_type(kind: type) -> bool:
+    try:
+        return issubclass(kind, Mapping)
+    except Exception:  # a metaclass whose subclass check raises
+        return False

@@ -80,7 +80,9 @@ def _unnamed(known_storages: set[tuple], seen: set[int]) -> list[tuple[str, Any]
     # Modules first, so a stale model shows as one row, not as each of its weights.
     candidates.sort(key=lambda obj: not issubclass(type(obj), module_type))
     for obj in candidates:
-        keys = {tensor_storage(t).key for t in tensors_of(obj) if str(t.device) != "meta"}
+        # tensor_storage reads with torch functions disabled: a subclass's __torch_function__
+        # must not run (or raise) inside a scan.
+        keys = {storage.key for storage in map(tensor_storage, tensors_of(obj)) if storage.device != "meta"}
         new = keys - covered
         if not new:
             continue

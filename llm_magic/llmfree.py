@@ -60,6 +60,7 @@ def _named_targets(shell, names: list[str]) -> list[Target]:
 
 
 def run_llmfree(shell, names: list[str], *, everything: bool = False, hidden_only: bool = False, dry_run: bool = False) -> ReleaseResult:
+    shellrefs.require_shell(shell)
     if not names and not everything and not hidden_only:
         raise FreeError("%llmfree needs NAME ..., --all or --hidden")
     targets = _named_targets(shell, names)

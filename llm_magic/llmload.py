@@ -197,6 +197,7 @@ def _strict_message(shell, options: LoadOptions, predictions, targets: list[Targ
 
 
 def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
+    shellrefs.require_shell(shell)
     from .devices import memory_snapshot
     from .headroom import generation_headroom
     from .placement import model_placement

@@ -8,6 +8,29 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, Int
 
 
+def split_names(line: str) -> list[str]:
+    """Split a magic line on spaces outside brackets and quotes: `d['a b'] -o` -> 2 tokens."""
+    tokens, current, depth, quote = [], "", 0, None
+    for char in line.strip():
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        elif char.isspace() and depth == 0:
+            if current:
+                tokens.append(current)
+            current = ""
+            continue
+        current += char
+    if current:
+        tokens.append(current)
+    return tokens
+
+
 @magics_class
 class LLMMagic(Magics):
     """Settings, e.g. `%config LLMMagic.strict = True`."""
@@ -20,6 +43,9 @@ class LLMMagic(Magics):
     ).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
+        from .shellrefs import require_shell
+
+        require_shell(shell)
         super().__init__(shell=shell, **kwargs)
         from .oom import OOMRescue
         from .watch import Watcher
@@ -92,7 +118,8 @@ class LLMMagic(Magics):
         from .llmfree import FreeError, run_llmfree
         from .render import render_release, show
 
-        args = parse_argstring(self.llmfree, line)
+        # Names are split by hand: `d['my model']` is one name (shell-style splitting cuts it).
+        args = self.llmfree.parser.parse_args(split_names(line))
         try:
             result = run_llmfree(self.shell, args.names, everything=args.everything, hidden_only=args.hidden, dry_run=args.dry_run)
         except FreeError as error:

@@ -161,31 +161,41 @@ def _reaching(hidden: Sequence[HiddenRef], wanted: set[int]) -> list[tuple[Hidde
 def name_holders(
     survivors: Sequence[Any],
     naming_roots: Iterable[tuple[str, Any]],
+    *,
+    ignore: Iterable[Any] = (),
 ) -> dict[int, list[str]]:
-    """Paths from the user's names (then hidden places) that still reach each survivor."""
+    """Paths from the user's names (then hidden places) that still reach each survivor.
+
+    Survivors no name reaches are described by the types of their referrers, from one gc scan
+    for all of them; `ignore` are the caller's own containers of survivors (not holders).
+    """
     wanted = {id(obj) for obj in survivors}
     found = find_paths(naming_roots, wanted, stop=is_tensor, stats=WalkStats())
-    for obj in survivors:
-        if id(obj) not in found:
-            found[id(obj)] = [_unnamed_holders(obj)]
+    unnamed = [obj for obj in survivors if id(obj) not in found]
+    if unnamed:
+        ours = {id(survivors), id(unnamed), *(id(container) for container in ignore)}
+        for key, description in _unnamed_holders(unnamed, ours).items():
+            found[key] = [description]
     return found
 
 
-def _unnamed_holders(obj: Any) -> str:
-    """Who holds an object that no name reaches: the referrers' types, found through gc."""
-    import inspect
+def _unnamed_holders(objs: list[Any], ours: set[int]) -> dict[int, str]:
+    """For objects no name reaches: 'unnamed: ... referenced by <types>' each, one heap scan."""
+    import types
 
-    this_frame = inspect.currentframe()
-    kinds = sorted(
-        {
-            _type_name(referrer)
-            for referrer in gc.get_referrers(obj)
-            if referrer is not this_frame and type(referrer).__name__ != "frame"
-        }
-    )
-    del this_frame
-    described = ", ".join(kinds[:4]) or "a C extension or a frame"
-    return f"unnamed: reachable from no name, referenced by {described}"
+    ids = {id(obj) for obj in objs}
+    kinds: dict[int, set[str]] = {key: set() for key in ids}
+    for referrer in gc.get_referrers(*objs):
+        if id(referrer) in ours or type(referrer) is types.FrameType:
+            continue  # our own bookkeeping, and the frames of this very call
+        for child in gc.get_referents(referrer):
+            if id(child) in ids:
+                kinds[id(child)].add(_type_name(referrer))
+    described = {}
+    for key, names in kinds.items():
+        holders = ", ".join(sorted(names)[:4]) or "a C extension or a frame"
+        described[key] = f"unnamed: reachable from no name, referenced by {holders}"
+    return described
 
 
 def _summarise(paths: Iterable[str], shown: int = 3) -> tuple[str, ...]:
@@ -242,6 +252,8 @@ def release(
         )
         return ReleaseResult(released, {}, also_cleared=tuple(ref.label for ref in extra), dry_run=True)
 
+    # The collection is inside the protected block too: finalizers run there, and a Ctrl-C
+    # landing in one must not be swallowed ("Exception ignored in __del__").
     with deferred_interrupt() as interrupted:
         for *_, bindings, _ in plans:
             for binding in bindings:
@@ -251,12 +263,12 @@ def release(
                 ref.clear()
             except Exception:  # a hidden place that refuses: the weakref check will say so
                 continue
-    collect_garbage()
+        collect_garbage()
 
     survivors = [[obj for obj in (probe() for probe in probes) if obj is not None] for *_, probes, _, _ in plans]
     holders = {}
     if any(survivors):
-        holders = name_holders([obj for group in survivors for obj in group], naming_roots())
+        holders = name_holders([obj for group in survivors for obj in group], naming_roots(), ignore=[survivors, *survivors])
 
     released, freed = [], Footprint()
     for (label, type_name, footprint, _, bindings, hidden_labels), alive in zip(plans, survivors):

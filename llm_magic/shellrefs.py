@@ -27,6 +27,19 @@ _SHELL_NAMES = frozenset({"In", "Out", "_ih", "_oh", "_dh", "exit", "quit", "get
 _EXCEPTION_ATTRS = ("last_type", "last_value", "last_traceback", "last_exc")
 
 
+class NotInIPython(RuntimeError):
+    """A magic's function was called without an IPython shell."""
+
+
+def require_shell(shell) -> None:
+    """A clear error, instead of an AttributeError deep inside, when there is no shell."""
+    if shell is None or not hasattr(shell, "user_ns"):
+        raise NotInIPython(
+            "llm_magic needs an IPython shell: run `%load_ext llm_magic` in IPython, Jupyter or Colab "
+            f"(got {type(shell).__name__})"
+        )
+
+
 def is_shell_name(name: str) -> bool:
     """Names IPython itself binds in the user namespace (history, output cache)."""
     return name in _SHELL_NAMES or bool(_OUTPUT_NAME.fullmatch(name) or _INPUT_NAME.fullmatch(name))

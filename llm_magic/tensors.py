@@ -6,6 +6,7 @@ and every answer is "nothing". That keeps `%load_ext` and the scans free for non
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,6 +46,19 @@ class Storage:
 
 
 def tensor_storage(tensor: Any) -> Storage:
+    # A subclass's `__torch_function__` sees every attribute read (`.device`, `.numel()`):
+    # user code that can raise (the bytes would be lost) or count. Read the plain tensor.
+    with _plain_tensor_reads():
+        return _tensor_storage(tensor)
+
+
+def _plain_tensor_reads():
+    torch = loaded_torch()
+    disable = getattr(getattr(torch, "_C", None), "DisableTorchFunctionSubclass", None)
+    return disable() if disable is not None else contextlib.nullcontext()
+
+
+def _tensor_storage(tensor: Any) -> Storage:
     device = str(tensor.device)
     if device == "meta":
         # No memory behind it; the bytes are what it would take (for offload accounting).

@@ -11,6 +11,7 @@ bounded by a budget so one huge container cannot stall a cell.
 from __future__ import annotations
 
 import functools
+import gc
 import types
 import weakref
 from collections import deque
@@ -52,8 +53,67 @@ def safe_repr_key(key: Any) -> str:
     return f"[<{type(key).__name__}>]"
 
 
+# How CPython exposes a real instance `__dict__`: a C-level descriptor, never user code.
+_DICT_DESCRIPTORS = (types.GetSetDescriptorType, types.MemberDescriptorType)
+# A class's own namespace and MRO, read past any metaclass (which could define them as
+# properties).
+_class_dict = type.__dict__["__dict__"].__get__
+_class_mro = type.__dict__["__mro__"].__get__
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a type's instances can hold, read once per type from its classes' namespaces."""
+
+    real_dict: bool  # has a `__dict__` that is CPython's own (not a user property)
+    slots: tuple[tuple[str, Any, type], ...]  # (name, member descriptor, owner) per slot
+
+
+# Per type, so a walk of 200,000 objects does not scan each one's MRO again. Keyed by id with
+# a weak reference to check it, not a WeakKeyDictionary: that would compare classes with
+# their metaclass's `__eq__`/`__hash__`, which can lie. A class the user deletes (and what its
+# attributes hold) is not kept alive by the cache.
+_LAYOUTS: dict[int, tuple[weakref.ref, _Layout]] = {}
+
+
+def _layout(kind: type) -> _Layout:
+    entry = _LAYOUTS.get(id(kind))
+    if entry is not None and entry[0]() is kind:
+        return entry[1]
+    mro = _class_mro(kind)
+    real_dict, slots = False, []
+    for cls in mro:  # the first class that defines `__dict__` decides
+        descriptor = _class_dict(cls).get("__dict__")
+        if descriptor is not None:
+            real_dict = type(descriptor) in _DICT_DESCRIPTORS
+            break
+    for cls in mro:
+        namespace = _class_dict(cls)
+        declared = namespace.get("__slots__", ())
+        if type(declared) is str:
+            declared = (declared,)
+        try:
+            names = [name for name in declared if type(name) is str]
+        except Exception:
+            names = []
+        for name in names:
+            member = namespace.get(name)
+            if type(member) is types.MemberDescriptorType:
+                slots.append((name, member, cls))
+    layout = _Layout(real_dict, tuple(slots))
+    key = id(kind)
+    _LAYOUTS[key] = (weakref.ref(kind, lambda _, key=key: _LAYOUTS.pop(key, None)), layout)
+    return layout
+
+
 def instance_dict(obj: Any) -> dict | None:
-    """The object's real `__dict__`, without running its `__getattr__`/`__getattribute__`."""
+    """The object's real `__dict__`, without running its `__getattr__`/`__getattribute__`.
+
+    A class that defines `__dict__` itself (a property) hides the real one: its getter is user
+    code that can raise, lie or hang, so such an object is not read at all.
+    """
+    if not _layout(type(obj)).real_dict:
+        return None
     try:
         attrs = object.__getattribute__(obj, "__dict__")
     except Exception:
@@ -63,18 +123,11 @@ def instance_dict(obj: Any) -> dict | None:
 
 def slot_values(obj: Any) -> Iterator[tuple[str, Any]]:
     """(name, value) for each filled `__slots__` member, read through the member descriptor."""
-    for cls in type(obj).__mro__:
-        slots = cls.__dict__.get("__slots__", ())
-        if isinstance(slots, str):
-            slots = (slots,)
-        for name in slots:
-            descriptor = cls.__dict__.get(name)
-            if type(descriptor) is not types.MemberDescriptorType:
-                continue
-            try:
-                yield name, descriptor.__get__(obj, cls)
-            except Exception:  # an empty slot raises AttributeError
-                continue
+    for name, descriptor, owner in _layout(type(obj)).slots:
+        try:
+            yield name, descriptor.__get__(obj, owner)
+        except Exception:  # an empty slot raises AttributeError
+            continue
 
 
 def children(obj: Any) -> Iterator[tuple[str, Any]]:
@@ -102,6 +155,12 @@ def children(obj: Any) -> Iterator[tuple[str, Any]]:
             for value in iterator:
                 if type(value) not in ATOMIC_TYPES:
                     yield " (a set member)", value
+        elif kind is types.MappingProxyType:
+            # Its mapping, read through gc (C level): a real dict is walked like one, with
+            # steps the user can type on the proxy itself (`proxy['key']`).
+            mapping = gc.get_referents(obj)
+            if len(mapping) == 1 and issubclass(type(mapping[0]), dict):
+                yield from children(mapping[0])
         elif kind is types.MethodType:
             yield ".__self__", obj.__self__
         elif kind is functools.partial:
@@ -133,6 +192,24 @@ class WalkStats:
     seen: set[int] = field(default_factory=set)
 
 
+def _enqueue(queue: deque, queued: set[int], stats: WalkStats, budget: int, path: str, step: str, child: Any) -> bool:
+    """Queue `child` unless seen or queued already; False once the budget is spoken for.
+
+    Each queued object is distinct and unseen, so it costs one visit: when the visits made
+    plus those queued reach the budget, the rest of a container (a list of a million objects)
+    is not even read, and the walk is marked truncated.
+    """
+    key = id(child)
+    if key in stats.seen or key in queued:
+        return True
+    if stats.visited + len(queue) >= budget:
+        stats.truncated = True
+        return False
+    queued.add(key)
+    queue.append((path + step, child))
+    return True
+
+
 def breadth_first(
     roots: Iterable[tuple[str, Any]],
     *,
@@ -148,6 +225,7 @@ def breadth_first(
     """
     stats = stats if stats is not None else WalkStats()
     queue: deque[tuple[str, Any]] = deque()
+    queued: set[int] = set()
     for path, obj in roots:
         queue.append((path, obj))
     while queue:
@@ -163,8 +241,8 @@ def breadth_first(
             yield path, obj
             continue
         for step, child in children(obj):
-            if id(child) not in stats.seen:
-                queue.append((path + step, child))
+            if not _enqueue(queue, queued, stats, budget, path, step, child):
+                break
 
 
 def find_paths(
@@ -188,6 +266,7 @@ def find_paths(
         if id(obj) in wanted:
             found.setdefault(id(obj), []).append(path)
         queue.append((path, obj))
+    queued: set[int] = set()
     while queue:
         path, obj = queue.popleft()
         if id(obj) in stats.seen:
@@ -202,6 +281,6 @@ def find_paths(
         for step, child in children(obj):
             if id(child) in wanted:
                 found.setdefault(id(child), []).append(path + step)
-            if id(child) not in stats.seen:
-                queue.append((path + step, child))
+            if not _enqueue(queue, queued, stats, budget, path, step, child):
+                break
     return found
