@@ -83,3 +83,18 @@ def shell():
     ip.reset(new_session=False)
     InteractiveShell.clear_instance()
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def frozen_imports():
+    """Move what exists before a module's tests (torch, transformers, IPython: a few hundred
+    thousand objects) to gc's permanent generation, so the many full collections (the engine's
+    own, the shell's reset) scan only what the tests create. Nothing a test creates is frozen, so
+    every weak-reference proof is unchanged; the freeze is undone after the module."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()

@@ -22,43 +22,19 @@ from IPython.utils.capture import capture_output
 
 from llm_magic.magics import LLMMagic
 
-HAS_GPUSTATE = hasattr(LLMMagic, "gpustate")
-needs_gpustate = pytest.mark.skipif(not HAS_GPUSTATE, reason="%gpustate is not implemented yet")
 
-LOAD = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(MODEL_NAME)\n"
+from cells import LOAD, ok, run
+
+pytestmark = pytest.mark.usefixtures("frozen_imports")
 
 # Hypothesis runs many examples against one shell: the fixture is reset by hand between them.
 FAST = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _frozen_imports():
-    """Move what exists before these tests (torch, transformers, IPython: a few hundred thousand
-    objects) to gc's permanent generation, so the many full collections here (the engine's own,
-    the shell's reset) scan only what the tests create. Nothing a test creates is frozen, so
-    every weak-reference proof below is unchanged; the freeze is undone after the module."""
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
 
 
-def run(shell, code):
-    """Run a cell the way a notebook does (history, output cache); fail on a syntax error."""
-    with capture_output() as captured:
-        result = shell.run_cell(code, store_history=True)
-    assert result.error_before_exec is None, captured.stdout + captured.stderr
-    return result, captured
 
 
-def ok(shell, code):
-    """Run a cell that must succeed; return its value (a magic's `-o` result)."""
-    result, captured = run(shell, code)
-    assert result.success, captured.stdout + captured.stderr
-    return result.result
 
 
 def load(shell, path, body=LOAD, options="-o"):
@@ -964,16 +940,14 @@ def test_only_reported_targets_change(shell, tiny_model):
     _checked(shell, "%llmfree bystander tokenizer -o")
     _checked(shell, "%llmfree --all -o")
     _checked(shell, "%llmfree --hidden -o")
-    if HAS_GPUSTATE:
-        for line in ("%gpustate", "%gpustate --all --deep", "%gpustate --json", "%gpustate -o"):
-            _checked(shell, line, report=False)
+    for line in ("%gpustate", "%gpustate --all --deep", "%gpustate --json", "%gpustate -o"):
+        _checked(shell, line, report=False)
     assert shell.user_ns["numbers"] == [1, 2]
 
 
 # -- %gpustate -------------------------------------------------------------------------------
 
 
-@needs_gpustate
 def test_gpustate_survives_hostile_namespace(shell, tiny_model):
     load(shell, tiny_model)
     ok(shell, HOSTILE + TENSORS + "import types\nfrozen = types.MappingProxyType({'m': model})\nloop = [model]\nloop.append(loop)")
@@ -991,7 +965,6 @@ def test_gpustate_survives_hostile_namespace(shell, tiny_model):
     assert shell.user_ns["Traced"].calls == 0
 
 
-@needs_gpustate
 def test_gpustate_deep_with_unnamed_tensor_subclass(shell):
     ok(
         shell,

@@ -6,7 +6,6 @@ nothing is replaced by a fake: the real tiny checkpoints load as they would in a
 
 from __future__ import annotations
 
-import gc
 import json
 import socket
 import weakref
@@ -16,36 +15,17 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from IPython.utils.capture import capture_output
 
-from llm_magic.magics import LLMMagic
-
-HAS_GPUSTATE = hasattr(LLMMagic, "gpustate")
-
-LOAD = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(MODEL_NAME)\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _frozen_imports():
-    """As in test_hostile.py: pre-existing objects out of the full collections, for speed."""
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
+from cells import LOAD, ok, run
 
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+pytestmark = pytest.mark.usefixtures("frozen_imports")
 
 
-def run(shell, code):
-    with capture_output() as captured:
-        result = shell.run_cell(code, store_history=True)
-    assert result.error_before_exec is None, captured.stdout + captured.stderr
-    return result, captured
 
 
-def ok(shell, code):
-    result, captured = run(shell, code)
-    assert result.success, captured.stdout + captured.stderr
-    return result.result
+
+
 
 
 def round_trip(data):
@@ -187,9 +167,8 @@ def test_a_whole_session_never_touches_the_network(shell, no_network, tiny_model
     run(shell, "def step(m):\n    raise RuntimeError('simulated OOM')\nstep(model)")
     for line in ("%llmfree --dry-run model", "%llmfree --hidden", "%llmfree tokenizer", "%llmfree --all"):
         ok(shell, line)
-    if HAS_GPUSTATE:
-        for line in ("%gpustate", "%gpustate --all", "%gpustate --json"):
-            ok(shell, line)
+    for line in ("%gpustate", "%gpustate --all", "%gpustate --json"):
+        ok(shell, line)
     assert no_network == []
 
 
@@ -290,7 +269,6 @@ def test_any_dict_key_gives_valid_json_and_typeable_paths(shell, keys):
     round_trip(result.to_dict())
 
 
-@pytest.mark.skipif(not HAS_GPUSTATE, reason="%gpustate is not implemented yet")
 def test_gpustate_json_is_valid_for_weird_names(shell):
     ok(shell, f"import torch\nd = {{}}\n{WEIRD} = torch.nn.Linear(2, 2)\n{NEWLINE} = torch.nn.Linear(2, 2)\nмодель = torch.nn.Linear(2, 2)\n模型 = torch.zeros(10)")
     for line in ("%gpustate --json", "%gpustate --json --all"):
