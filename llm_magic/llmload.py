@@ -166,12 +166,14 @@ class StrictRefusal(RuntimeError):
         return [f"StrictRefusal: {self}"]
 
 
-def _predict(shell, calls: list, targets: list[Target], snapshot) -> tuple[PredictedLoad, ...]:
+def _predict(calls: list, targets: list[Target], snapshot) -> tuple[PredictedLoad, ...]:
     """Each model load predicted with the memory that will be free after the release."""
     from .devices import free_after_release
     from .preflight import predict
 
-    freed = Footprint().add_all(leaf for target in targets for _, leaf in find_tensor_holders([("", target.value)]))
+    freed = Footprint()
+    for target in targets:
+        freed.merge(footprint_of(target.value))
     free, cached_unused = free_after_release(snapshot, freed.by_device())
     return tuple(PredictedLoad(call.target, predict(call, free, cached_unused=cached_unused)) for call in calls)
 
@@ -183,9 +185,8 @@ def _strict_message(shell, options: LoadOptions, predictions, targets: list[Targ
     lines = []
     for item in slow:
         p = item.prediction
-        where = ", ".join(f"{format_bytes(n)} on {d}" for d, n in sorted((p.bytes_by_device or {}).items()) if d != p.best_device)
         missing = f"{format_bytes(p.missing_bytes)} more {p.missing_bytes_of}" if p.missing_bytes is not None else "more memory (how much is unknown)"
-        lines.append(f"{item.target or options.model_name}: predicted {where} (slower than {p.best_device}); it needs {missing}")
+        lines.append(f"{item.target or options.model_name}: predicted {_off_best(p)} (slower than {p.best_device}); it needs {missing}")
     replaced = {binding.label for target in targets for binding in target.bindings}
     kept = [holder for holder in kept_holders(shell, []) if holder.path not in replaced]
     if kept:
@@ -205,7 +206,7 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     plan = plan_body(shell, options, cell)
     memory_before = memory_snapshot()
     targets = collect_targets(shell, plan.targets, release_all=options.release_all)
-    predictions = _predict(shell, plan.load_calls, targets, memory_before)
+    predictions = _predict(plan.load_calls, targets, memory_before)
     hidden, naming = shellrefs.hidden_refs(shell), lambda: shellrefs.naming_roots(shell)
 
     if options.strict:
@@ -255,10 +256,15 @@ def _prediction_warnings(item: PredictedLoad) -> list[str]:
     p = item.prediction
     warnings = [f"predicted: {message}" for message in p.will_raise]
     if p.slower_tier:
-        where = ", ".join(f"{format_bytes(n)} on {d}" for d, n in sorted((p.bytes_by_device or {}).items()) if d != p.best_device)
         missing = f"; {p.best_device} needs {format_bytes(p.missing_bytes)} more" if p.missing_bytes else ""
-        warnings.append(f"predicted: {item.target or 'the model'} would put {where}{missing}")
+        warnings.append(f"predicted: {item.target or 'the model'} would put {_off_best(p)}{missing}")
     return warnings
+
+
+def _off_best(prediction) -> str:
+    """'3.1 GiB on cpu, 2 GiB on disk': what the prediction puts off the best device."""
+    placed = sorted((prediction.bytes_by_device or {}).items())
+    return ", ".join(f"{format_bytes(n)} on {device}" for device, n in placed if device != prediction.best_device)
 
 
 def _without_own_frames(error: BaseException) -> BaseException:
