@@ -319,3 +319,16 @@ def test_unload_removes_everything_and_reload_works(shell):
     shell.run_line_magic("load_ext", "llm_magic")
     assert "llmload" in shell.magics_manager.magics["cell"]
     assert sum(isinstance(c, LLMMagic) for c in shell.configurables) == 1
+
+
+def test_load_ext_imports_no_torch_or_transformers():
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "InteractiveShell.instance().run_line_magic('load_ext', 'llm_magic')\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'rich') if m in sys.modules))\n"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
