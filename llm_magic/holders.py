@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 from .release import HiddenRef
 from .tensors import Footprint, find_tensor_holders, is_module, loaded_torch, tensor_storage, tensors_of
-from .walk import WalkStats
+from .walk import WalkStats, type_name
 
 NAMED, HIDDEN, UNNAMED = "named", "hidden", "unnamed"
 
@@ -60,10 +60,6 @@ class HolderScan:
         }
 
 
-def _type_name(obj: Any) -> str:
-    return type(obj).__qualname__
-
-
 def _unnamed(known_storages: set[tuple], seen: set[int]) -> list[tuple[str, Any]]:
     """Tensors and modules alive but reachable from no root, whose memory nobody explains.
 
@@ -87,7 +83,7 @@ def _unnamed(known_storages: set[tuple], seen: set[int]) -> list[tuple[str, Any]
         if not new:
             continue
         covered |= keys  # a stale model's own weights will not show again as separate rows
-        found.append((f"unnamed {_type_name(obj)} at {id(obj):#x}", obj))
+        found.append((f"unnamed {type_name(obj)} at {id(obj):#x}", obj))
     return found
 
 
@@ -161,7 +157,7 @@ def scan_holders(
             HolderRow(
                 path=path,
                 kind=kind,
-                type_name=_type_name(holder),
+                type_name=type_name(holder),
                 bytes_by_device=footprint.by_device(),
                 shared_by_device=shared.by_device(),
                 shared_with=tuple(found[i][0] for i in partners),

@@ -17,6 +17,7 @@ from .release import Binding, ReleaseResult, Target, release
 from .report import Holder, LoadReport, PredictedLoad
 from .tensors import Footprint, find_tensor_holders, footprint_of, holds_tensors, is_module
 from .units import format_by_device, format_bytes
+from .walk import type_name
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> tuple[H
             continue
         by_device = footprint_of(leaf).by_device()
         if is_module(leaf) or sum(by_device.values()) >= min_bytes:
-            kept.append(Holder(path, type(leaf).__qualname__, by_device))
+            kept.append(Holder(path, type_name(leaf), by_device))
     return tuple(kept)
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .tensors import Footprint, find_tensor_holders, footprint_of, is_tensor, loaded_torch, tensors_of
-from .walk import WalkStats, find_paths
+from .walk import WalkStats, find_paths, type_name
 
 
 @dataclass(frozen=True)
@@ -118,12 +118,6 @@ def _trim_c_heap() -> None:
         pass
 
 
-def _type_name(obj: Any) -> str:
-    kind = type(obj)  # not obj.__class__, which can lie
-    module = kind.__module__
-    return kind.__name__ if module in ("builtins", None) else f"{module}.{kind.__qualname__}"
-
-
 def _probes(value: Any) -> list[weakref.ref]:
     """Weak references that all die only when `value`'s memory can go.
 
@@ -190,7 +184,7 @@ def _unnamed_holders(objs: list[Any], ours: set[int]) -> dict[int, str]:
             continue  # our own bookkeeping, and the frames of this very call
         for child in gc.get_referents(referrer):
             if id(child) in ids:
-                kinds[id(child)].add(_type_name(referrer))
+                kinds[id(child)].add(type_name(referrer, qualified=True))
     described = {}
     for key, names in kinds.items():
         holders = ", ".join(sorted(names)[:4]) or "a C extension or a frame"
@@ -235,7 +229,7 @@ def release(
     plans = [
         (
             target.label,
-            _type_name(target.value),
+            type_name(target.value, qualified=True),
             footprint_of(target.value),
             _probes(target.value),
             target.bindings,
@@ -247,8 +241,8 @@ def release(
     extra = [ref for ref in also_clear if all(ref is not other for other, _ in reaching)]
     if dry_run:
         released = tuple(
-            ReleasedObject(label, type_name, footprint.by_device(), tuple(b.label for b in bindings) + hidden_labels, False)
-            for label, type_name, footprint, _, bindings, hidden_labels in plans
+            ReleasedObject(label, kind, footprint.by_device(), tuple(b.label for b in bindings) + hidden_labels, False)
+            for label, kind, footprint, _, bindings, hidden_labels in plans
         )
         return ReleaseResult(released, {}, also_cleared=tuple(ref.label for ref in extra), dry_run=True)
 
@@ -271,13 +265,13 @@ def release(
         holders = name_holders([obj for group in survivors for obj in group], naming_roots(), ignore=[survivors, *survivors])
 
     released, freed = [], Footprint()
-    for (label, type_name, footprint, _, bindings, hidden_labels), alive in zip(plans, survivors):
+    for (label, kind, footprint, _, bindings, hidden_labels), alive in zip(plans, survivors):
         if not alive:
             freed.merge(footprint)
         released.append(
             ReleasedObject(
                 label=label,
-                type_name=type_name,
+                type_name=kind,
                 bytes_by_device=footprint.by_device(),
                 cleared=tuple(b.label for b in bindings) + hidden_labels,
                 freed=not alive,

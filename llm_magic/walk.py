@@ -44,6 +44,17 @@ OPAQUE_TYPES = (
 DEFAULT_BUDGET = 200_000
 
 
+def type_name(obj: Any, *, qualified: bool = False) -> str:
+    """The object's class name, read with type(): an object's `__class__` can raise or lie.
+
+    qualified: with its module ('transformers.models.llama.modeling_llama.LlamaForCausalLM').
+    """
+    kind = type(obj)
+    if not qualified or kind.__module__ in ("builtins", None):
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def safe_repr_key(key: Any) -> str:
     """How a dict key is written in a path: `['name']`, `[3]`, or `[<Key>]` for the rest."""
     if type(key) in (str, int, bool, float, type(None)):
