@@ -19,6 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# tests/support holds the tiny-model builder the benchmarks share with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -73,9 +76,10 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
-    from llm_magic import shellrefs
-    from llm_magic.gpustate import take_snapshot
-    from llm_magic.tinymodels import build_tiny_model
+    from support.tinymodels import build_tiny_model
+
+    from llm_magic.commands.gpustate import take_snapshot
+    from llm_magic.ipython import shell_state
 
     model_path = str(build_tiny_model(Path(tempfile.mkdtemp()) / "model"))
     shell = build_shell(model_path)
@@ -83,7 +87,7 @@ def main() -> None:
     tracked = len(gc.get_objects())
 
     def snapshot(deep: bool):
-        return take_snapshot(shellrefs.visible_names(shell), shellrefs.hidden_refs(shell), deep=deep)
+        return take_snapshot(shell_state.visible_names(shell), shell_state.hidden_refs(shell), deep=deep)
 
     default = time_calls(lambda: snapshot(False), args.repeat)
     deep = time_calls(lambda: snapshot(True), max(3, args.repeat // 5))

@@ -21,6 +21,10 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+# tests/support holds the tiny-model builder the benchmarks share with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -38,8 +42,8 @@ def peak_rss() -> int:
 def bench_70b(rows: list[list[str]]) -> None:
     from transformers import AutoConfig
 
-    from llm_magic.callspec import load_call
-    from llm_magic.preflight import predict
+    from llm_magic.predict.calls import load_call
+    from llm_magic.predict.preflight import predict
 
     folder = tempfile.mkdtemp(prefix="llama70b-")
     AutoConfig.for_model("llama", torch_dtype="bfloat16", architectures=["LlamaForCausalLM"],
@@ -72,7 +76,7 @@ def bench_70b(rows: list[list[str]]) -> None:
 def real_load(path: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    from llm_magic.preflight import normalize_device_map
+    from llm_magic.predict.preflight import normalize_device_map
 
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     device_map = getattr(model, "hf_device_map", None)
@@ -84,9 +88,10 @@ def real_load(path: str, **kwargs):
 
 
 def bench_tiny(rows: list[list[str]]) -> None:
-    from llm_magic.callspec import load_call
-    from llm_magic.preflight import predict
-    from llm_magic.tinymodels import build_tiny_model
+    from support.tinymodels import build_tiny_model
+
+    from llm_magic.predict.calls import load_call
+    from llm_magic.predict.preflight import predict
 
     root = tempfile.mkdtemp(prefix="tiny-")
     plenty = {"cpu": 1 << 40}

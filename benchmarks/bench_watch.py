@@ -27,6 +27,10 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+# tests/support holds the tiny-model builder the benchmarks share with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -61,7 +65,7 @@ def fill_namespace(shell, count: int, *, objects_only: bool = False) -> None:
 
 
 def load_tiny_model(shell, folder: str) -> None:
-    from llm_magic.tinymodels import build_tiny_model
+    from support.tinymodels import build_tiny_model
 
     path = build_tiny_model(os.path.join(folder, "tiny"), "llama")
     shell.user_ns["_bench_path"] = str(path)
@@ -126,7 +130,7 @@ def callback_alone(shell, watcher, cells: int) -> list[float]:
 
 def costly_paths(shell, cells: int) -> dict[str, list[float]]:
     """Seconds of run_cell for the cells that do run the holder scan (watching "cpu" memory)."""
-    from llm_magic.watch import Watcher
+    from llm_magic.commands.watch import Watcher
 
     watcher = Watcher(shell, stale_device=lambda device: device == "cpu", show=lambda line: None)
     watcher.start()
@@ -166,7 +170,7 @@ def main() -> None:
     import transformers
     from IPython.utils.capture import capture_output
 
-    from llm_magic.watch import Watcher
+    from llm_magic.commands.watch import Watcher
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:

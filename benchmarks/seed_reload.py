@@ -5,7 +5,7 @@
 Each round runs the assignment cell through a real `InteractiveShell.run_cell`, first as a plain
 re-run (the old model is still bound to `model` while the new one is built), then under
 `%%llmload` (the old model is released first). After each round it measures where the model's
-bytes are (llm_magic.placement.model_placement: parameters, buffers and offload hooks, since
+bytes are (llm_magic.measure.placement.model_placement: parameters, buffers and offload hooks, since
 transformers 5 sets `hf_device_map` only for multi-device maps) and how long the cell took.
 
 Memory is made scarce on purpose, so that the model fits once but not twice:
@@ -43,6 +43,9 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+# tests/support holds the tiny-model builder the benchmarks share with the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MiB = 1 << 20
@@ -90,7 +93,7 @@ def return_freed_memory_to_os() -> bool:
 
 
 def build_model(folder: Path) -> Path:
-    from llm_magic.tinymodels import build_tiny_model
+    from support.tinymodels import build_tiny_model
 
     return build_tiny_model(folder, "llama", dtype="bfloat16", **MODEL_SIZES)
 
@@ -104,7 +107,7 @@ def new_shell():
 
 
 def loaded_bytes(model) -> int:
-    from llm_magic.placement import model_placement
+    from llm_magic.measure.placement import model_placement
 
     return model_placement(model, "model").total_bytes
 
@@ -219,7 +222,7 @@ def release_model(shell) -> None:
 
 
 def measure_round(shell, mode: str, number: int, cell: str, verbose: bool) -> Round:
-    from llm_magic.placement import model_placement
+    from llm_magic.measure.placement import model_placement
 
     before = free_bytes()
     start = time.perf_counter()

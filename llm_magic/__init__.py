@@ -1,37 +1,26 @@
 """llm_magic: reload LLMs in notebooks without stale copies, and see where memory is.
 
 `%load_ext llm_magic` registers the magics. Nothing heavy is imported here: torch and
-transformers load only when a magic needs them.
+transformers load only when a magic needs them. The layers, from the user inwards:
+`ipython/` (the extension, the magics, the one adapter to IPython's state), `commands/` (what each
+magic does, as plain functions returning data), `render/` (text and HTML), and the logic they
+share: `engine/` (walking objects, releasing them), `measure/` (memory, placement, KV cache),
+`predict/` (what a load will do before it runs), `cell/` (reading a cell's code) and `compat/`
+(every private API of the libraries we rely on).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# The instance registered per shell, so unload removes exactly what load added.
-_ATTR = "_llm_magic_instance"
-
 
 def load_ipython_extension(shell) -> None:
-    from .magics import LLMMagic
+    from llm_magic.ipython.extension import load
 
-    if getattr(shell, _ATTR, None) is not None:
-        return
-    magics = LLMMagic(shell=shell)
-    shell.register_magics(magics)  # also makes it a configurable: `%config LLMMagic.x = ...`
-    magics.oom.register()
-    setattr(shell, _ATTR, magics)
+    load(shell)
 
 
 def unload_ipython_extension(shell) -> None:
-    magics = getattr(shell, _ATTR, None)
-    if magics is None:
-        return
-    magics.watcher.stop()
-    magics.oom.unregister()
-    for kind, names in magics.magics.items():
-        for name in names:
-            shell.magics_manager.magics[kind].pop(name, None)
-    shell.magics_manager.registry.pop(type(magics).__name__, None)
-    shell.configurables[:] = [c for c in shell.configurables if c is not magics]
-    delattr(shell, _ATTR)
+    from llm_magic.ipython.extension import unload
+
+    unload(shell)

@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """`tiny_models(arch="llama", **options)` -> path of a cached tiny checkpoint."""
-    from llm_magic.tinymodels import build_tiny_model
+    from support.tinymodels import build_tiny_model
 
     cache: dict[tuple, str] = {}
     root = tmp_path_factory.mktemp("tiny-models")
@@ -77,7 +77,7 @@ def shell():
         ip.run_line_magic("unload_ext", "llm_magic")
     # The old shell may outlive the test (IPython keeps a few module-level references); drop
     # what would keep this test's models alive into the next test's gc scans.
-    from llm_magic.shellrefs import clear_exception_state
+    from llm_magic.ipython.shell_state import clear_exception_state
 
     clear_exception_state(ip)
     ip.reset(new_session=False)

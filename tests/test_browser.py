@@ -21,8 +21,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-
-from llm_magic.demo import NOTEBOOKS
+from support.demo import NOTEBOOKS
 
 pytestmark = pytest.mark.browser
 
@@ -141,7 +140,7 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    from llm_magic.demo import build_demo_model, execute_notebook
+    from support.demo import build_demo_model, execute_notebook
 
     model = build_demo_model(tmp_path_factory.mktemp("browser-model"))
     return execute_notebook(QUICKSTART, model, allow_errors=True)
@@ -161,7 +160,7 @@ def probe_page(chromium: str, page: Path, work: Path) -> tuple[dict, int]:
 @pytest.fixture(scope="module")
 def rendered(chromium, artifacts, quickstart, tmp_path_factory):
     """(probe data, number of pre.llm-magic in the dumped DOM, screenshot path, notebook), light theme."""
-    from llm_magic.demo import export_html
+    from support.demo import export_html
 
     work = tmp_path_factory.mktemp("browser")
     page = export_html(quickstart, artifacts / "quickstart.html")
@@ -176,7 +175,7 @@ def rendered(chromium, artifacts, quickstart, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rendered_dark(chromium, quickstart, tmp_path_factory):
     """The probe data of the same notebook exported with JupyterLab's dark theme."""
-    from llm_magic.demo import export_html
+    from support.demo import export_html
 
     work = tmp_path_factory.mktemp("browser-dark")
     probe, _ = probe_page(chromium, export_html(quickstart, work / "quickstart-dark.html", theme="dark"), work)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llm_magic.callspec import find_load_calls, load_call
+from llm_magic.predict.calls import find_load_calls, load_call
 
 
 def one(source, namespace=None):

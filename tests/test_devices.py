@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from llm_magic.devices import (
+from llm_magic.measure.memory import (
     CUDA_MEASURED,
     CUDA_NO_TORCH,
     CUDA_NOT_INITIALISED,
@@ -64,8 +64,8 @@ def test_snapshot_without_torch_does_not_import_it():
     data = run_fresh(
         """
         import json, sys
-        import llm_magic.devices, llm_magic.placement
-        snapshot = llm_magic.devices.memory_snapshot()
+        import llm_magic.measure.memory, llm_magic.measure.placement
+        snapshot = llm_magic.measure.memory.memory_snapshot()
         print(json.dumps({"torch": "torch" in sys.modules, "snapshot": snapshot.to_dict()}))
         """
     )
@@ -80,7 +80,7 @@ def test_snapshot_does_not_initialise_cuda():
         """
         import json
         import torch
-        from llm_magic.devices import memory_snapshot, autoload_budget
+        from llm_magic.measure.memory import memory_snapshot, autoload_budget
         snapshot = memory_snapshot()
         budget = autoload_budget(snapshot)
         print(json.dumps({
@@ -110,7 +110,7 @@ def test_nvml_absent_gives_unknown():
         """
         import json, sys
         sys.modules["pynvml"] = None  # makes `import pynvml` raise ImportError
-        from llm_magic.devices import DeviceMemory, _with_gpu_processes, memory_snapshot
+        from llm_magic.measure.memory import DeviceMemory, _with_gpu_processes, memory_snapshot
         gpu = DeviceMemory("cuda:0", "GPU", 80 * 2**30, 70 * 2**30, 0, 0, uuid="0000-1111")
         rows, state = _with_gpu_processes((gpu,))
         print(json.dumps({"state": state, "processes": rows[0].processes,
@@ -341,7 +341,7 @@ def test_loader_max_memory_reproduces_the_load(tiny_model, monkeypatch, device_m
     """Given as max_memory, the computed budget gives the placement of a load left to itself."""
     from transformers import AutoModelForCausalLM
 
-    from llm_magic.placement import model_placement
+    from llm_magic.measure.placement import model_placement
 
     pin_available_ram(monkeypatch, 500_000)  # too little for the tiny model: a cpu + disk split
     max_memory = loader_max_memory(memory_snapshot(), sequential=device_map == "sequential")
@@ -407,7 +407,7 @@ def test_snapshot_after_cuda_use_measures_it():
         import json
         import torch
         x = torch.zeros(1, device="cuda:0")
-        from llm_magic.devices import memory_snapshot
+        from llm_magic.measure.memory import memory_snapshot
         print(json.dumps(memory_snapshot().to_dict()))
         """
     )

@@ -10,9 +10,15 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from llm_magic.devices import CUDA_MEASURED, CUDA_NOT_INITIALISED, DeviceMemory, MemorySnapshot, memory_snapshot
-from llm_magic.headroom import generation_headroom
-from llm_magic.kvcache import kv_cache_profile, tokens_that_fit
+from llm_magic.measure.headroom import generation_headroom
+from llm_magic.measure.kvcache import kv_cache_profile, tokens_that_fit
+from llm_magic.measure.memory import (
+    CUDA_MEASURED,
+    CUDA_NOT_INITIALISED,
+    DeviceMemory,
+    MemorySnapshot,
+    memory_snapshot,
+)
 
 MiB = 2**20
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5

@@ -16,14 +16,12 @@ import time
 import weakref
 
 import pytest
+from cells import LOAD, ok, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from IPython.utils.capture import capture_output
 
-from llm_magic.magics import LLMMagic
-
-
-from cells import LOAD, ok, run
+from llm_magic.ipython.magics import LLMMagic
 
 pytestmark = pytest.mark.usefixtures("frozen_imports")
 
@@ -721,7 +719,7 @@ def no_escape(call, *args):
 
 
 def test_ctrl_c_during_release_reports_interrupted(shell):
-    from llm_magic.llmfree import run_llmfree
+    from llm_magic.commands.llmfree import run_llmfree
 
     ok(shell, INTERRUPTING + "a = torch.nn.Linear(4, 4)\nb = torch.nn.Linear(4, 4)\nalarm = weakref.ref(a, press_ctrl_c)\n")
     refs = [weakref.ref(shell.user_ns["a"]), weakref.ref(shell.user_ns["b"])]
@@ -763,7 +761,7 @@ def test_ctrl_c_during_llmload_release_stops_before_the_body(shell):
 
 
 def test_ctrl_c_during_the_engines_gc_is_not_lost(shell):
-    from llm_magic.llmfree import run_llmfree
+    from llm_magic.commands.llmfree import run_llmfree
 
     ok(shell, INTERRUPTING + "cyclic = CtrlCWhenCollected()\nprobe = weakref.ref(cyclic)\n")
     gc.collect()
@@ -825,8 +823,8 @@ def test_interrupt_inside_from_pretrained_leaves_nothing_behind(shell, tiny_mode
 
 def _outside_calls():
     import llm_magic
-    from llm_magic.llmfree import run_llmfree
-    from llm_magic.llmload import LoadOptions, run_llmload
+    from llm_magic.commands.llmfree import run_llmfree
+    from llm_magic.commands.llmload import LoadOptions, run_llmload
 
     return {
         "load_ipython_extension(None)": lambda: llm_magic.load_ipython_extension(None),

@@ -15,9 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from support.tinymodels import tiny_config  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from llm_magic.kvcache import (  # noqa: E402
+from llm_magic.measure.kvcache import (  # noqa: E402
     FULL,
     NONE,
     SLIDING,
@@ -26,7 +27,6 @@ from llm_magic.kvcache import (  # noqa: E402
     kv_cache_profile,
     tokens_that_fit,
 )
-from llm_magic.tinymodels import tiny_config  # noqa: E402
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 WINDOW = 16  # the tiny mistral / gemma2 sliding window (tinymodels.ARCHITECTURES)

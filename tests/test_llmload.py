@@ -309,7 +309,7 @@ def _walk(obj, seen=None):
 
 
 def test_unload_removes_everything_and_reload_works(shell):
-    from llm_magic.magics import LLMMagic
+    from llm_magic.ipython.magics import LLMMagic
 
     assert "llmload" in shell.magics_manager.magics["cell"]
     shell.run_line_magic("unload_ext", "llm_magic")

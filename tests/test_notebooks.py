@@ -1,6 +1,6 @@
 """Every notebook in notebooks/ executed in a real ipykernel, and its outputs checked.
 
-The kernel runs on this interpreter (see llm_magic.demo.execute_notebook), so the same file
+The kernel runs on this interpreter (see support.demo.execute_notebook), so the same file
 tests transformers 4.57 + IPython 8 and transformers 5 + IPython 9 in whichever venv runs it.
 The quickstart tells a story; each step's claim is asserted on what the notebook displayed.
 """
@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from llm_magic.demo import NOTEBOOKS
+from support.demo import NOTEBOOKS
 
 pytestmark = pytest.mark.notebook
 
@@ -26,7 +25,7 @@ ANSI = re.compile(r"\x1b\[|\[(?:\d{1,3};)*\d{1,3}m")
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory) -> Path:
-    from llm_magic.demo import build_demo_model
+    from support.demo import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("demo-model"))
 
@@ -34,7 +33,7 @@ def demo_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def executed(demo_model):
     """`executed(path)` -> the executed notebook; each notebook runs once per module."""
-    from llm_magic.demo import execute_notebook
+    from support.demo import execute_notebook
 
     cache: dict[Path, object] = {}
 
@@ -196,7 +195,7 @@ def test_quickstart_llmfree_frees_the_model(quickstart):
 
 
 def test_demo_transcript_has_the_tables_as_plain_text(quickstart):
-    from llm_magic.demo import format_transcript
+    from support.demo import format_transcript
 
     transcript = format_transcript(quickstart)
     assert "%%llmload" in transcript and "old model freed: True" in transcript

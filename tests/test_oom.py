@@ -15,8 +15,8 @@ import sys
 import pytest
 from IPython.utils.capture import capture_output
 
-from llm_magic.oom import OOMRescue, find_oom, parse_oom_message
-from llm_magic.shellrefs import clear_exception_state
+from llm_magic.commands.oom import OOMRescue, find_oom, parse_oom_message
+from llm_magic.ipython.shell_state import clear_exception_state
 
 GIB = 1 << 30
 OOM_TEXT = (
@@ -307,7 +307,7 @@ def test_find_oom_checks_real_types():
 def test_modules_never_pass_trust_remote_code():
     # They read the loaded model's config; they never load a config or a model themselves.
     package = pathlib.Path(__file__).resolve().parent.parent / "llm_magic"
-    for name in ("oom.py", "oom_report.py", "watch.py"):
+    for name in ("commands/oom.py", "commands/oom_errors.py", "render/oom.py", "commands/watch.py"):
         source = (package / name).read_text()
         assert "trust_remote_code" not in source and "from_pretrained" not in source
 
@@ -315,14 +315,14 @@ def test_modules_never_pass_trust_remote_code():
 def test_importing_the_modules_does_not_import_torch():
     import subprocess
 
-    code = "import sys, llm_magic.oom, llm_magic.oom_report, llm_magic.watch; print('torch' in sys.modules)"
+    code = "import sys, llm_magic.commands.oom, llm_magic.commands.oom_errors, llm_magic.render.oom, llm_magic.commands.watch; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
 # -- wired into the extension (needs LLMMagic.oom_rescue and load/unload calling OOMRescue) ---
 
 try:
-    from llm_magic.magics import LLMMagic
+    from llm_magic.ipython.magics import LLMMagic
 
     _WIRED = LLMMagic.class_traits().get("oom_rescue") is not None
 except Exception:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from llm_magic.placement import DiskSource, find_model, model_placement
+from llm_magic.measure.placement import DiskSource, find_model, model_placement
 
 # Fits the embedding and the first decoder layer of the default tiny llama (~700 KB in float32)
 # on "cpu"; the rest goes to disk. Not the whole model to disk: 4.57.1+ crashes on {"": "disk"}.

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from llm_magic.callspec import find_load_calls, load_call
-from llm_magic.preflight import (
+from llm_magic.predict.calls import find_load_calls, load_call
+from llm_magic.predict.preflight import (
     Prediction,
     normalize_device_map,
     predict,
@@ -248,7 +248,7 @@ def pin_available_ram(monkeypatch, available: int) -> None:
 
 def test_prediction_from_the_memory_the_release_will_free(tiny_models, monkeypatch):
     """%%llmload's path: a snapshot before the release plus what it frees, then the real load."""
-    from llm_magic.devices import free_after_release, memory_snapshot
+    from llm_magic.measure.memory import free_after_release, memory_snapshot
 
     path = tiny_models()
     total = total_of(path)
@@ -267,7 +267,12 @@ def test_prediction_from_the_memory_the_release_will_free(tiny_models, monkeypat
 
 def test_gpu_not_measured_makes_auto_placement_unknown(tiny_models):
     """CUDA not initialised here: its free memory is unknown, and so is an auto placement."""
-    from llm_magic.devices import CUDA_NOT_INITIALISED, DeviceMemory, MemorySnapshot, free_after_release
+    from llm_magic.measure.memory import (
+        CUDA_NOT_INITIALISED,
+        DeviceMemory,
+        MemorySnapshot,
+        free_after_release,
+    )
 
     path = tiny_models()
     snapshot = MemorySnapshot((DeviceMemory("cpu", "RAM", 64 << 30, 32 << 30),), CUDA_NOT_INITIALISED, 1,

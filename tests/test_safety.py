@@ -11,13 +11,10 @@ import socket
 import weakref
 
 import pytest
+from cells import LOAD, ok, run
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from IPython.utils.capture import capture_output
-
-
-
-from cells import LOAD, ok, run
 
 pytestmark = pytest.mark.usefixtures("frozen_imports")
 
@@ -222,7 +219,7 @@ def test_llmfree_takes_a_key_with_a_space(shell):
 
 def test_llmfree_by_weird_names_through_the_engine(shell):
     """The same names, through run_llmfree (what the magic would call with correct splitting)."""
-    from llm_magic.llmfree import run_llmfree
+    from llm_magic.commands.llmfree import run_llmfree
 
     ok(shell, f"import torch\nd = {{}}\n{WEIRD} = torch.nn.Linear(2, 2)\n{NEWLINE} = torch.nn.Linear(2, 2)\nмодель = torch.nn.Linear(2, 2)")
     result = run_llmfree(shell, [WEIRD, NEWLINE, "модель"])

@@ -12,7 +12,7 @@ import gc
 import pytest
 from IPython.utils.capture import capture_output
 
-from llm_magic.watch import Watcher, is_accelerator
+from llm_magic.commands.watch import Watcher, is_accelerator
 
 TENSOR = "torch.ones(1_234_567)"  # 4.71 MiB of float32: above the 1 MiB warning threshold
 SIZE = "4.71 MiB"
@@ -225,7 +225,7 @@ def test_without_torch_nothing_runs(shell, lines):
 
     code = (
         "from IPython.core.interactiveshell import InteractiveShell\n"
-        "from llm_magic.watch import Watcher\n"
+        "from llm_magic.commands.watch import Watcher\n"
         "ip = InteractiveShell.instance(); lines = []\n"
         "w = Watcher(ip, show=lines.append); w.start()\n"
         "ip.run_cell('x = 1'); ip.run_cell('x'); ip.run_cell('del x')\n"
@@ -250,7 +250,7 @@ def test_watch_keeps_no_model_alive(shell, lines, tiny_model):
 # -- wired into the extension (needs the %llmwatch magic: lead) --------------------------------
 
 try:
-    from llm_magic.magics import LLMMagic
+    from llm_magic.ipython.magics import LLMMagic
 
     _WIRED = "llmwatch" in LLMMagic.magics["line"]
 except Exception:

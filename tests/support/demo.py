@@ -1,6 +1,6 @@
 """Run the quickstart notebook on a small local model and show what the magics printed.
 
-    python -m llm_magic.demo [--out DIR]
+    python tests/support/demo.py [--out DIR]     (what `bash .ci/demo` runs)
 
 Builds a small random model (no download), executes `notebooks/quickstart.ipynb` in a real
 ipykernel started from this interpreter, prints the text of every cell's output, and writes the
@@ -19,10 +19,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+if __package__ in (None, ""):  # run as a script: make `support` (tests/support) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 # The notebook's first cell reads this; without it, the notebook builds its own model.
 MODEL_ENV = "LLM_MAGIC_DEMO_MODEL"
 DEFAULT_OUT = "llm_magic_demo_output"
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 # Big enough (about 13 MiB of float32) to stand out above the 1 MiB "small holder" threshold of
 # the reports; small enough to load in well under a second on two CPU cores.
@@ -43,14 +46,14 @@ def notebook_path(name: str = "quickstart.ipynb") -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: the notebooks ship with the repository, not the package. "
-            "Run `python -m llm_magic.demo` from a clone (pip install -e .)."
+            "Run `bash .ci/demo` from a clone."
         )
     return path
 
 
 def build_demo_model(path: str | Path | None = None) -> Path:
     """Write the demo checkpoint (config, random weights, tokenizer) to `path` (default: a temp dir)."""
-    from .tinymodels import build_tiny_model
+    from support.tinymodels import build_tiny_model
 
     if path is None:
         path = Path(tempfile.mkdtemp(prefix="llm-magic-demo-model-"))
@@ -190,7 +193,7 @@ def run_demo(out_dir: str | Path, model_path: str | Path | None = None) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llm_magic.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tests/support/demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"where to write the executed notebook and HTML (default: ./{DEFAULT_OUT})")
     parser.add_argument("--model", default=None, help="a local checkpoint to use instead of building the demo model")
     args = parser.parse_args(argv)

@@ -19,8 +19,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .tensors import Footprint, find_tensor_holders, footprint_of, is_tensor, loaded_torch, tensors_of
-from .walk import WalkStats, find_paths, type_name
+from llm_magic.engine.tensors import (
+    Footprint,
+    find_tensor_holders,
+    footprint_of,
+    is_tensor,
+    loaded_torch,
+    tensors_of,
+)
+from llm_magic.engine.walk import WalkStats, find_paths, type_name
 
 
 @dataclass(frozen=True)

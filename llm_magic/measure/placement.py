@@ -28,9 +28,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from .tensors import is_module, module_tensors, tensor_storage
-from .units import format_bytes
-from .walk import instance_dict
+from llm_magic.engine.tensors import is_module, module_tensors, tensor_storage
+from llm_magic.engine.walk import instance_dict
+from llm_magic.units import format_bytes
 
 # Rows that are not accelerators. Anything else ("cuda:0", "xpu:0", "mps") is one.
 HOST_DEVICES = ("cpu", "disk", "meta")

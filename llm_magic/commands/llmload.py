@@ -12,12 +12,27 @@ import ast
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import autoload, cellcode, shellrefs
-from .release import Binding, ReleaseResult, Target, release
-from .report import Holder, LoadReport, PredictedLoad
-from .tensors import Footprint, find_tensor_holders, footprint_of, holds_tensors, is_module
-from .units import format_by_device, format_bytes
-from .walk import type_name
+from llm_magic.cell import body
+from llm_magic.commands import autoload
+from llm_magic.commands.load_report import Holder, LoadReport, PredictedLoad
+from llm_magic.engine.paths import (
+    TargetPath,
+    Unresolvable,
+    parse_target,
+    resolve,
+    unbinder,
+)
+from llm_magic.engine.release import Binding, ReleaseResult, Target, release
+from llm_magic.engine.tensors import (
+    Footprint,
+    find_tensor_holders,
+    footprint_of,
+    holds_tensors,
+    is_module,
+)
+from llm_magic.engine.walk import type_name
+from llm_magic.ipython import shell_state
+from llm_magic.units import format_by_device, format_bytes
 
 
 @dataclass(frozen=True)
@@ -51,19 +66,19 @@ def _is_empty(source: str) -> bool:
 
 @dataclass
 class BodyPlan:
-    targets: list[cellcode.TargetPath]  # what the run will assign
+    targets: list[TargetPath]  # what the run will assign
     run: Callable[[], Any]  # runs the body (or the default loader)
     load_calls: list  # callspec.LoadCall for each model `from_pretrained` in it
 
 
 def plan_body(shell, options: LoadOptions, cell: str | None) -> BodyPlan:
     """Read the body (or the options of the default loader). Raises before any change."""
-    from .callspec import find_load_calls, load_call
+    from llm_magic.predict.calls import find_load_calls, load_call
 
     if cell is None or _is_empty(cell):
-        targets = [cellcode.parse_target(options.model_var)]
+        targets = [parse_target(options.model_var)]
         if options.tokenizer_var:
-            targets.insert(0, cellcode.parse_target(options.tokenizer_var))
+            targets.insert(0, parse_target(options.tokenizer_var))
         dtype = autoload.parse_dtype(options.dtype)  # a bad dtype fails here, before release
         device_map = autoload.parse_device_map(options.device_map)
         arguments = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
@@ -72,17 +87,17 @@ def plan_body(shell, options: LoadOptions, cell: str | None) -> BodyPlan:
         call = load_call(options.model_name, "AutoModelForCausalLM", **arguments)
         return BodyPlan(targets, lambda: _run_default_loader(shell, options, dtype, device_map), [call])
     source = shell.transform_cell(cell)
-    tree = cellcode.parse_body(source)
+    tree = body.parse_body(source)
     # MODEL_NAME is bound only once the release is done; the prediction needs it now.
     namespace = {**shell.user_ns, "MODEL_NAME": options.model_name}
     calls = [call for call in find_load_calls(source, namespace) if call.is_model]
-    return BodyPlan(cellcode.assignment_targets(tree), lambda: _run_body(shell, source, tree), calls)
+    return BodyPlan(body.assignment_targets(tree), lambda: _run_body(shell, source, tree), calls)
 
 
 def _run_body(shell, source: str, tree: ast.Module) -> Any:
     # Compiled under a name IPython caches, so tracebacks show the body's lines.
     filename = shell.compile.cache(source, shell.execution_count)
-    statements, trailing = cellcode.last_expression(tree)
+    statements, trailing = body.last_expression(tree)
     flags = shell.compile.flags
     exec(compile(statements, filename, "exec", flags=flags, dont_inherit=True), shell.user_global_ns, shell.user_ns)
     if trailing is not None:
@@ -91,7 +106,7 @@ def _run_body(shell, source: str, tree: ast.Module) -> Any:
 
 
 def _run_default_loader(shell, options: LoadOptions, dtype: Any, device_map: Any) -> None:
-    from .devices import loader_max_memory, memory_snapshot
+    from llm_magic.measure.memory import loader_max_memory, memory_snapshot
 
     trust = options.trust_remote_code
     if options.tokenizer_var:
@@ -104,7 +119,7 @@ def _run_default_loader(shell, options: LoadOptions, dtype: Any, device_map: Any
     )
 
 
-def collect_targets(shell, paths: list[cellcode.TargetPath], *, release_all: bool = False) -> list[Target]:
+def collect_targets(shell, paths: list[TargetPath], *, release_all: bool = False) -> list[Target]:
     """The current values at `paths` that hold tensors (and, with release_all, every tensor
     holder the user can see), as release targets.
 
@@ -114,32 +129,32 @@ def collect_targets(shell, paths: list[cellcode.TargetPath], *, release_all: boo
     namespace = shell.user_ns
     candidates = list(paths)
     if release_all:
-        candidates += [cellcode.TargetPath(name) for name, _ in shellrefs.visible_names(shell)]
+        candidates += [TargetPath(name) for name, _ in shell_state.visible_names(shell)]
     grouped: dict[int, tuple[str, Any, list[Binding]]] = {}
     for path in candidates:
         try:
-            value = cellcode.resolve(path, namespace)
-        except cellcode.Unresolvable:
+            value = resolve(path, namespace)
+        except Unresolvable:
             continue
         if id(value) not in grouped:
             if not holds_tensors(value):
                 continue
             grouped[id(value)] = (path.text, value, [])
-        binding = Binding(path.text, cellcode.unbinder(path, namespace))
+        binding = Binding(path.text, unbinder(path, namespace))
         if all(b.label != binding.label for b in grouped[id(value)][2]):
             grouped[id(value)][2].append(binding)
     return [Target(label, value, tuple(bindings)) for label, value, bindings in grouped.values()]
 
 
-def bound_models(shell, paths: list[cellcode.TargetPath]) -> list[tuple[str, Any]]:
+def bound_models(shell, paths: list[TargetPath]) -> list[tuple[str, Any]]:
     """(name, model) for each target that now holds a torch model (pipelines: their .model)."""
-    from .placement import find_model
+    from llm_magic.measure.placement import find_model
 
     found: list[tuple[str, Any]] = []
     for path in paths:
         try:
-            model = find_model(cellcode.resolve(path, shell.user_ns))
-        except cellcode.Unresolvable:
+            model = find_model(resolve(path, shell.user_ns))
+        except Unresolvable:
             continue
         if model is not None and all(model is not other for _, other in found):
             found.append((path.text, model))
@@ -150,7 +165,7 @@ def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> tuple[H
     """Models (any size) and tensors (>= min_bytes) the user still has, other than `exclude`."""
     excluded = {id(obj) for obj in exclude}
     kept = []
-    for path, leaf in find_tensor_holders(shellrefs.visible_names(shell)):
+    for path, leaf in find_tensor_holders(shell_state.visible_names(shell)):
         if id(leaf) in excluded:
             continue
         by_device = footprint_of(leaf).by_device()
@@ -169,8 +184,8 @@ class StrictRefusal(RuntimeError):
 
 def _predict(calls: list, targets: list[Target], snapshot) -> tuple[PredictedLoad, ...]:
     """Each model load predicted with the memory that will be free after the release."""
-    from .devices import free_after_release
-    from .preflight import predict
+    from llm_magic.measure.memory import free_after_release
+    from llm_magic.predict.preflight import predict
 
     freed = Footprint()
     for target in targets:
@@ -199,16 +214,16 @@ def _strict_message(shell, options: LoadOptions, predictions, targets: list[Targ
 
 
 def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
-    shellrefs.require_shell(shell)
-    from .devices import memory_snapshot
-    from .headroom import generation_headroom
-    from .placement import model_placement
+    shell_state.require_shell(shell)
+    from llm_magic.measure.headroom import generation_headroom
+    from llm_magic.measure.memory import memory_snapshot
+    from llm_magic.measure.placement import model_placement
 
     plan = plan_body(shell, options, cell)
     memory_before = memory_snapshot()
     targets = collect_targets(shell, plan.targets, release_all=options.release_all)
     predictions = _predict(plan.load_calls, targets, memory_before)
-    hidden, naming = shellrefs.hidden_refs(shell), lambda: shellrefs.naming_roots(shell)
+    hidden, naming = shell_state.hidden_refs(shell), lambda: shell_state.naming_roots(shell)
 
     if options.strict:
         refusal = _strict_message(shell, options, predictions, targets, memory_before)
@@ -280,7 +295,7 @@ def _without_own_frames(error: BaseException) -> BaseException:
 
 
 def _accelerator_present() -> bool:
-    from .tensors import loaded_torch
+    from llm_magic.engine.tensors import loaded_torch
 
     torch = loaded_torch()
     # is_available() asks the driver without creating a context.

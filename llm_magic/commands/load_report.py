@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .release import ReleaseResult
+from llm_magic.engine.release import ReleaseResult
 
 
 def _as_dict(value: Any) -> Any:
@@ -78,6 +78,7 @@ class LoadReport:
         }
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
-        from .render import mimebundle, render_load_report
+        from llm_magic.render.core import mimebundle
+        from llm_magic.render.load import render_load_report
 
         return mimebundle(render_load_report(self))

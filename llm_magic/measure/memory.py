@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from .tensors import loaded_torch
+from llm_magic.engine.tensors import loaded_torch
 
 CUDA_MEASURED = "initialised"
 CUDA_NOT_INITIALISED = "not initialised (not queried, to avoid creating a context)"

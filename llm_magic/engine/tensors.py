@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from .walk import DEFAULT_BUDGET, WalkStats, breadth_first
+from llm_magic.engine.walk import DEFAULT_BUDGET, WalkStats, breadth_first
 
 
 def loaded_torch():

@@ -11,9 +11,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from .release import HiddenRef
-from .tensors import Footprint, find_tensor_holders, is_module, loaded_torch, tensor_storage, tensors_of
-from .walk import WalkStats, type_name
+from llm_magic.engine.release import HiddenRef
+from llm_magic.engine.tensors import (
+    Footprint,
+    find_tensor_holders,
+    is_module,
+    loaded_torch,
+    tensor_storage,
+    tensors_of,
+)
+from llm_magic.engine.walk import WalkStats, type_name
 
 NAMED, HIDDEN, UNNAMED = "named", "hidden", "unnamed"
 

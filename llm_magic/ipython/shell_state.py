@@ -19,7 +19,7 @@ import types
 from itertools import chain
 from typing import Any, Iterable, Iterator
 
-from .release import HiddenRef
+from llm_magic.engine.release import HiddenRef
 
 _OUTPUT_NAME = re.compile(r"_\d+|_{1,3}")
 _INPUT_NAME = re.compile(r"_i{1,3}|_i\d+")

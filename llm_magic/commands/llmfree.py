@@ -7,10 +7,17 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from . import cellcode, shellrefs
-from .release import Binding, HiddenRef, ReleaseResult, Target, release
-from .tensors import find_tensor_holders, holds_tensors
-from .walk import WalkStats
+from llm_magic.engine.paths import (
+    TargetPath,
+    Unresolvable,
+    parse_target,
+    resolve,
+    unbinder,
+)
+from llm_magic.engine.release import Binding, HiddenRef, ReleaseResult, Target, release
+from llm_magic.engine.tensors import find_tensor_holders, holds_tensors
+from llm_magic.engine.walk import WalkStats
+from llm_magic.ipython import shell_state
 
 
 class FreeError(ValueError):
@@ -20,7 +27,7 @@ class FreeError(ValueError):
 def hidden_only_holders(shell, hidden: list[HiddenRef]) -> Iterator[tuple[str, Any]]:
     """(label, tensor-or-module) reachable through hidden references but from no user name."""
     stats = WalkStats()
-    for _ in find_tensor_holders(shellrefs.visible_names(shell), stats=stats):
+    for _ in find_tensor_holders(shell_state.visible_names(shell), stats=stats):
         pass  # marks everything the user can reach as seen
     for ref in hidden:
         try:
@@ -45,33 +52,33 @@ def _named_targets(shell, names: list[str]) -> list[Target]:
     paths = []
     for name in names:
         try:
-            path = cellcode.parse_target(name)
-            cellcode.resolve(path, shell.user_ns)
+            path = parse_target(name)
+            resolve(path, shell.user_ns)
         except ValueError as error:
             raise FreeError(str(error)) from None
-        except cellcode.Unresolvable:
+        except Unresolvable:
             raise FreeError(f"name {name!r} is not defined: nothing was released") from None
         paths.append(path)
     # Resolved again only once every name is known to exist: all or nothing.
     return [
-        Target(path.text, cellcode.resolve(path, shell.user_ns), (Binding(path.text, cellcode.unbinder(path, shell.user_ns)),))
+        Target(path.text, resolve(path, shell.user_ns), (Binding(path.text, unbinder(path, shell.user_ns)),))
         for path in paths
     ]
 
 
 def run_llmfree(shell, names: list[str], *, everything: bool = False, hidden_only: bool = False, dry_run: bool = False) -> ReleaseResult:
-    shellrefs.require_shell(shell)
+    shell_state.require_shell(shell)
     if not names and not everything and not hidden_only:
         raise FreeError("%llmfree needs NAME ..., --all or --hidden")
     targets = _named_targets(shell, names)
-    hidden = shellrefs.hidden_refs(shell)
+    hidden = shell_state.hidden_refs(shell)
     also_clear: list[HiddenRef] = []
     claimed = {id(target.value) for target in targets}
     if everything:
-        for name, value in shellrefs.visible_names(shell):
+        for name, value in shell_state.visible_names(shell):
             if id(value) not in claimed and holds_tensors(value):
                 claimed.add(id(value))
-                targets.append(Target(name, value, (Binding(name, cellcode.unbinder(cellcode.TargetPath(name), shell.user_ns)),)))
+                targets.append(Target(name, value, (Binding(name, unbinder(TargetPath(name), shell.user_ns)),)))
     if everything or hidden_only:
         for label, leaf in hidden_only_holders(shell, hidden):
             if id(leaf) not in claimed:
@@ -79,4 +86,4 @@ def run_llmfree(shell, names: list[str], *, everything: bool = False, hidden_onl
                 targets.append(Target(label, leaf, ()))
         also_clear = _holding_tensors(hidden)
     value = leaf = None  # noqa: F841 - no strong reference may outlive the release
-    return release(targets, hidden, lambda: shellrefs.naming_roots(shell), also_clear=also_clear, dry_run=dry_run)
+    return release(targets, hidden, lambda: shell_state.naming_roots(shell), also_clear=also_clear, dry_run=dry_run)

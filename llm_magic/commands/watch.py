@@ -31,11 +31,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .holders import HIDDEN, NAMED, UNNAMED, HolderRow
-from .placement import HOST_DEVICES
-from .tensors import holds_tensors, loaded_torch
-from .units import format_bytes
-from .walk import ATOMIC_TYPES, OPAQUE_TYPES
+from llm_magic.engine.holders import HIDDEN, NAMED, UNNAMED, HolderRow
+from llm_magic.engine.tensors import holds_tensors, loaded_torch
+from llm_magic.engine.walk import ATOMIC_TYPES, OPAQUE_TYPES
+from llm_magic.measure.placement import HOST_DEVICES
+from llm_magic.units import format_bytes
 
 MIN_STALE_BYTES = 1 << 20  # smaller stale copies are not worth a warning
 PROBE_BUDGET = 2_000  # objects looked at to decide whether a new output or traceback holds tensors
@@ -157,7 +157,7 @@ def _fingerprint(model: Any) -> tuple:
 
 
 def _is_shell_name(shell, name: Any, value: Any) -> bool:
-    from .shellrefs import is_shell_name
+    from llm_magic.ipython.shell_state import is_shell_name
 
     if type(name) is not str or is_shell_name(name):
         return True
@@ -280,7 +280,9 @@ def _last_exception(shell, result: Any) -> BaseException | None:
 
 def frames_hold_tensors(error: BaseException) -> bool:
     """Do the locals of the exception's frames (the user's and libraries', not IPython's) hold tensors?"""
-    from .shellrefs import frame_roots  # one definition of "the frames worth looking at"
+    from llm_magic.ipython.shell_state import (
+        frame_roots,  # one definition of "the frames worth looking at"
+    )
 
     tb = error.__traceback__
     return tb is not None and holds_tensors(dict(frame_roots([tb])), budget=PROBE_BUDGET)
@@ -354,7 +356,7 @@ def stale_warning(copy: StaleCopy) -> str:
 
 def placement_line(label: str, model: Any, accelerator_present: bool) -> str:
     """`model (LlamaForCausalLM, 1.2 GiB): 28 modules cuda:0, 15 cpu ⚠ slower tier: cpu`."""
-    from .placement import model_placement
+    from llm_magic.measure.placement import model_placement
 
     placement = model_placement(model, label)
     rows = [row for row in placement.rows if row.modules or row.nbytes]
@@ -480,8 +482,8 @@ class Watcher:
         self._warned = set(keys) | kept
 
     def _scan_stale(self, find_orphans: bool) -> list[StaleCopy]:
-        from .holders import scan_holders
-        from .shellrefs import hidden_refs, visible_names
+        from llm_magic.engine.holders import scan_holders
+        from llm_magic.ipython.shell_state import hidden_refs, visible_names
 
         self.scans += 1
         scan = scan_holders(visible_names(self.shell), hidden_refs(self.shell), find_orphans=find_orphans)

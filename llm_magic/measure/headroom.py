@@ -17,9 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .devices import MemorySnapshot
-from .kvcache import NONE, SLIDING, KVProfile, kv_cache_profile, tokens_that_fit
-from .units import format_bytes
+from llm_magic.measure.kvcache import (
+    NONE,
+    SLIDING,
+    KVProfile,
+    kv_cache_profile,
+    tokens_that_fit,
+)
+from llm_magic.measure.memory import MemorySnapshot
+from llm_magic.units import format_bytes
 
 # Names of module lists that are not the text decoder's layers, for models that hold several.
 _NOT_DECODER = ("vision", "visual", "image", "audio", "encoder")

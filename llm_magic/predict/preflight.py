@@ -27,9 +27,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from .callspec import LoadCall
-from .checkpoint import Checkpoint, read_checkpoint, read_config
-from .devices import loader_budget
+from llm_magic.measure.memory import loader_budget
+from llm_magic.predict.calls import LoadCall
+from llm_magic.predict.checkpoint import Checkpoint, read_checkpoint, read_config
 
 __all__ = ["Prediction", "predict", "read_checkpoint", "read_config", "transformers_budget"]
 

@@ -43,12 +43,12 @@ class LLMMagic(Magics):
     ).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
-        from .shellrefs import require_shell
+        from llm_magic.ipython.shell_state import require_shell
 
         require_shell(shell)
         super().__init__(shell=shell, **kwargs)
-        from .oom import OOMRescue
-        from .watch import Watcher
+        from llm_magic.commands.oom import OOMRescue
+        from llm_magic.commands.watch import Watcher
 
         self.oom = OOMRescue(shell, enabled=lambda: self.oom_rescue)
         self.watcher = Watcher(shell)
@@ -76,9 +76,10 @@ class LLMMagic(Magics):
         With no body (`%llmload MODEL_NAME`), loads `tokenizer` and `model` itself.
         """
         __tracebackhide__ = True  # noqa: F841 - IPython hides this frame in tracebacks
-        from .cellcode import CellSyntaxError
-        from .llmload import LoadOptions, run_llmload
-        from .render import render_load_report, show
+        from llm_magic.cell.body import CellSyntaxError
+        from llm_magic.commands.llmload import LoadOptions, run_llmload
+        from llm_magic.render.core import show
+        from llm_magic.render.load import render_load_report
 
         args = parse_argstring(self.llmload, line)
         if not args.model_name:
@@ -115,8 +116,9 @@ class LLMMagic(Magics):
     @line_magic
     def llmfree(self, line: str):
         """Release objects and every hidden copy of them; print what was freed per device."""
-        from .llmfree import FreeError, run_llmfree
-        from .render import render_release, show
+        from llm_magic.commands.llmfree import FreeError, run_llmfree
+        from llm_magic.render.core import show
+        from llm_magic.render.release import render_release
 
         # Names are split by hand: `d['my model']` is one name (shell-style splitting cuts it).
         args = self.llmfree.parser.parse_args(split_names(line))
@@ -139,14 +141,15 @@ class LLMMagic(Magics):
         """Where accelerator and CPU memory is, and which notebook objects hold it."""
         import json
 
-        from . import shellrefs
-        from .gpustate import take_snapshot
-        from .render import render_gpustate, show
+        from llm_magic.commands.gpustate import take_snapshot
+        from llm_magic.ipython import shell_state
+        from llm_magic.render.core import show
+        from llm_magic.render.gpustate import render_gpustate
 
         args = parse_argstring(self.gpustate, line)
         state = take_snapshot(
-            shellrefs.visible_names(self.shell),
-            shellrefs.hidden_refs(self.shell),
+            shell_state.visible_names(self.shell),
+            shell_state.hidden_refs(self.shell),
             deep=args.deep,
             small_bytes=0 if args.include_small else self.small_holder_bytes,
         )

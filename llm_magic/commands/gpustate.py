@@ -10,11 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from .devices import MemorySnapshot, memory_snapshot
-from .holders import HIDDEN, NAMED, UNNAMED, HolderRow, HolderScan, scan_holders
-from .placement import DiskSource, model_placement
-from .release import HiddenRef
-from .units import format_bytes
+from llm_magic.engine.holders import (
+    HIDDEN,
+    NAMED,
+    UNNAMED,
+    HolderRow,
+    HolderScan,
+    scan_holders,
+)
+from llm_magic.engine.release import HiddenRef
+from llm_magic.measure.memory import MemorySnapshot, memory_snapshot
+from llm_magic.measure.placement import DiskSource, model_placement
+from llm_magic.units import format_bytes
 
 DEFAULT_SMALL_BYTES = 1 << 20  # holders below this are hidden unless --all
 # CUDA allocations that no Python holder explains, above which unnamed holders are searched

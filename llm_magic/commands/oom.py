@@ -13,149 +13,44 @@ and nothing about the exception changes), `OOMRescue`:
    its traceback lines stay), collects garbage and empties PyTorch's CUDA cache, and proves with
    weak references which tensors that only the frames held are gone;
 2. measures what is left (free memory, who holds it, each loaded model's generation headroom)
-   into an `oom_report.OOMExplanation`, and shows it below the traceback.
+   into an `OOMExplanation`, and shows it below the traceback (render/oom.py).
 
 torch is never imported here: an OOM from torch means torch is already loaded.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from .holders import HolderRow, scan_holders
-from .oom_report import OOMExplanation, advise
-from .release import HiddenRef, Target, release
-from .shellrefs import clear_traceback_frames, frame_roots, hidden_refs, naming_roots, visible_names
-from .tensors import Footprint, find_tensor_holders, loaded_torch
-from .walk import WalkStats, instance_dict
+from llm_magic.commands.oom_errors import (
+    OOMMessage,
+    error_message,
+    exception_chain,
+    find_oom,
+    first_line,
+    parse_oom_message,
+)
+from llm_magic.engine.holders import HIDDEN, NAMED, UNNAMED, HolderRow, scan_holders
+from llm_magic.engine.release import HiddenRef, Target, release
+from llm_magic.engine.tensors import Footprint, find_tensor_holders, loaded_torch
+from llm_magic.engine.walk import WalkStats, instance_dict
+from llm_magic.ipython.shell_state import (
+    clear_traceback_frames,
+    frame_roots,
+    hidden_refs,
+    naming_roots,
+    visible_names,
+)
+from llm_magic.units import format_by_device, format_bytes
 
-OOM_TEXT = "out of memory"
+if TYPE_CHECKING:
+    from llm_magic.measure.headroom import Headroom
+
 MAX_HOLDERS = 6  # holders listed in the explanation, biggest first
 MAX_MODELS = 3  # models given a generation-headroom line
-
-
-# -- recognising an OOM -----------------------------------------------------------------------
-
-
-def _exception_chain(error: BaseException | None) -> list[BaseException]:
-    """The error, then its causes and contexts (an OOM re-raised as another error counts)."""
-    chain: list[BaseException] = []
-    pending = [error]
-    while pending:
-        exc = pending.pop(0)
-        if isinstance(exc, BaseException) and all(exc is not seen for seen in chain):
-            chain.append(exc)
-            pending += [exc.__cause__, exc.__context__]
-    return chain
-
-
-def _oom_types(torch: Any) -> tuple[type, ...]:
-    # torch.OutOfMemoryError since 2.5 (torch.cuda.OutOfMemoryError is the same class there);
-    # older torch has only the cuda one.
-    found = [getattr(torch, "OutOfMemoryError", None), getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)]
-    return tuple(kind for kind in found if isinstance(kind, type))
-
-
-def _message(error: BaseException) -> str:
-    try:
-        return str(error)
-    except Exception:  # an exception whose __str__ fails still failed the cell
-        return ""
-
-
-def is_oom(error: BaseException) -> bool:
-    """Is this exception itself an out-of-memory error from torch (by its real type)?"""
-    torch = loaded_torch()
-    if torch is None:
-        return False  # no torch, no torch OOM: nothing of ours to explain
-    kind = type(error)  # not error.__class__, which an object can fake
-    if issubclass(kind, _oom_types(torch)):
-        return True
-    return issubclass(kind, RuntimeError) and OOM_TEXT in _message(error).lower()
-
-
-def find_oom(error: BaseException | None) -> BaseException | None:
-    """The OOM a failed cell died of: the error itself or one in its cause/context chain."""
-    for exc in _exception_chain(error):
-        if is_oom(exc):
-            return exc
-    return None
-
-
-# -- PyTorch's message ----------------------------------------------------------------------
-
-_SIZE = r"([\d.]+)\s*(bytes|B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)\b"
-_UNITS = {"bytes": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-# PyTorch's MPS allocator writes KB/MB/GB for binary multiples, like its other allocators.
-_UNITS.update({"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40})
-_DEVICE_KINDS = {"cuda": "cuda", "xpu": "xpu", "mps": "mps", "mlu": "mlu", "hip": "cuda"}
-
-
-@dataclass(frozen=True)
-class OOMMessage:
-    """Figures PyTorch put in its message, at the moment the allocation failed. None: not said."""
-
-    device: str | None  # "cuda:0", "mps", ...
-    requested_bytes: int | None
-    total_bytes: int | None
-    free_bytes: int | None  # driver free on the device, all processes
-    allocated_bytes: int | None  # by PyTorch in this process
-    reserved_unallocated_bytes: int | None  # PyTorch's cache: fragmentation when large
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def _size(text: str, *patterns: str) -> int | None:
-    """Bytes of the first pattern that matches (SIZE marks the figure); 0 is a figure too."""
-    for pattern in patterns:
-        match = re.search(pattern.replace("SIZE", _SIZE), text)
-        if match is None:
-            continue
-        number, unit = match.group(match.lastindex - 1), match.group(match.lastindex)
-        try:
-            return int(float(number) * _UNITS[unit])
-        except (ValueError, KeyError):
-            continue
-    return None
-
-
-def _device(text: str) -> str | None:
-    kind = re.match(r"\s*(?:\w+:\s*)?(CUDA|XPU|MPS|MLU|HIP)\b", text, re.IGNORECASE)
-    name = _DEVICE_KINDS.get(kind.group(1).lower()) if kind else None
-    # 2.1+: ". GPU 0 has a total capacity"; before: "(GPU 0; 7.79 GiB total capacity".
-    index = re.search(r"(?:GPU|Device|MLU) (\d+)(?: has a total capacity|;)", text)
-    if name == "mps":
-        return "mps"
-    if index is not None:
-        return f"{name or 'cuda'}:{index.group(1)}"
-    return None
-
-
-def parse_oom_message(text: str) -> OOMMessage:
-    """Read PyTorch's OOM message (2.1+ wording, and the older one); missing figures are None."""
-    reserved_total = _size(text, r"SIZE reserved in total by PyTorch")  # before 2.1
-    allocated = _size(text, r"Of the allocated memory SIZE is allocated by PyTorch", r"SIZE already allocated")
-    unallocated = _size(text, r"and SIZE is reserved by PyTorch but unallocated")
-    if unallocated is None and reserved_total is not None and allocated is not None:
-        unallocated = max(reserved_total - allocated, 0)
-    return OOMMessage(
-        device=_device(text),
-        requested_bytes=_size(text, r"Tried to allocate SIZE"),
-        total_bytes=_size(text, r"total capacity of SIZE", r"SIZE total capacity"),
-        free_bytes=_size(text, r"of which SIZE ?is free", r"; SIZE free;"),
-        allocated_bytes=allocated,
-        reserved_unallocated_bytes=unallocated,
-    )
-
-
-def _first_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {_message(error)}"
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 # -- releasing the failing traceback's frames ----------------------------------------------
@@ -163,7 +58,7 @@ def _first_line(error: BaseException) -> str:
 
 def _tracebacks(shell, error: BaseException) -> list[types.TracebackType]:
     """The failing cell's tracebacks: its exception chain's, and the same in sys and IPython."""
-    chain = _exception_chain(error)
+    chain = exception_chain(error)
     found = [exc.__traceback__ for exc in chain]
     # IPython stored this cell's error there; anything else there is not ours to clear.
     if any(getattr(sys, "last_value", None) is exc for exc in chain):
@@ -254,7 +149,7 @@ def _rank_holders(rows, device: str | None) -> tuple[HolderRow, ...]:
 
 def _language_models(shell) -> list[tuple[str, Any]]:
     """The user's models that have a config to size a KV cache from (a plain torch module has none)."""
-    from .placement import find_model
+    from llm_magic.measure.placement import find_model
 
     found: list[tuple[str, Any]] = []
     for name, value in visible_names(shell):
@@ -266,13 +161,78 @@ def _language_models(shell) -> list[tuple[str, Any]]:
     return found
 
 
+
+@dataclass(frozen=True)
+class OOMExplanation:
+    error: str  # "OutOfMemoryError: CUDA out of memory. Tried to allocate ..." (first line)
+    message: OOMMessage  # figures at the moment of failure
+    device: str | None  # the device that ran out, when known
+    free_bytes_now: int | None  # measured after the rescue; None: unknown
+    free_note: str | None  # why free_bytes_now is unknown
+    released: FrameRelease
+    holders: tuple[HolderRow, ...]  # biggest first (on the failing device, then in total)
+    holders_truncated: bool  # the holder walk ran out of budget: some may be missing
+    headroom: tuple[Headroom, ...]  # KV cache room of the loaded language models
+    advice: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "error": self.error,
+            "message": self.message.to_dict(),
+            "device": self.device,
+            "free_bytes_now": self.free_bytes_now,
+            "free_note": self.free_note,
+            "released": self.released.to_dict(),
+            "holders": [row.to_dict() for row in self.holders],
+            "holders_truncated": self.holders_truncated,
+            "headroom": [item.to_dict() for item in self.headroom],
+            "advice": list(self.advice),
+        }
+
+
+def advise(
+    message: OOMMessage, holders: tuple[HolderRow, ...], headroom: tuple[Headroom, ...], device: str | None
+) -> tuple[str, ...]:
+    """What to do, most specific first: drop hidden copies, unnamed and named holders, then generate smaller."""
+    advice = []
+    hidden = [row for row in holders if row.kind == HIDDEN]
+    if hidden:
+        where = ", ".join(row.path for row in hidden[:3])
+        advice.append(f"%llmfree --hidden: drop the copies only output history or a traceback holds ({where}).")
+    unnamed = [row for row in holders if row.kind == UNNAMED]
+    if unnamed:
+        held: dict[str, int] = {}
+        for row in unnamed:
+            for dev, nbytes in row.bytes_by_device.items():
+                held[dev] = held.get(dev, 0) + nbytes
+        advice.append(
+            f"{format_by_device(held)} is held by objects no name reaches (a closure, a hook, another module): "
+            "find and drop that reference, or restart the kernel."
+        )
+    named = [row for row in holders if row.kind == NAMED and (device is None or row.bytes_by_device.get(device))]
+    if named:
+        advice.append(f"%llmfree NAME for what you no longer need (biggest here: {', '.join(row.path for row in named[:3])}).")
+    per_token = next((item for item in headroom if item.bytes_per_token), None)
+    growth = f": {format_bytes(per_token.bytes_per_token)} per token for {per_token.name}" if per_token else ""
+    advice.append(f"Lower the batch size or max_new_tokens; the KV cache grows with both{growth}.")
+    advice.append("%%llmload MODEL to reload the model clean: it releases the old copy and its hidden copies first.")
+    fragmented = message.reserved_unallocated_bytes
+    if fragmented and message.requested_bytes and fragmented >= message.requested_bytes:
+        advice.append(
+            f"PyTorch holds {format_bytes(fragmented)} reserved but unallocated (fragmentation): start the kernel "
+            "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True."
+        )
+    return tuple(advice)
+
+
+
 def rescue(shell, error: BaseException) -> OOMExplanation:
     """Release the failing frames of an OOM, then explain it."""
-    from .devices import memory_snapshot
-    from .headroom import generation_headroom
+    from llm_magic.measure.headroom import generation_headroom
+    from llm_magic.measure.memory import memory_snapshot
 
     oom = find_oom(error) or error
-    message = parse_oom_message(_message(oom))
+    message = parse_oom_message(error_message(oom))
     released = release_frames(shell, error)
 
     device = message.device or _current_device()
@@ -283,7 +243,7 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
     holders = _rank_holders(scan.rows, device)
     headroom = tuple(generation_headroom(model, name, snapshot) for name, model in _language_models(shell)[:MAX_MODELS])
     return OOMExplanation(
-        error=_first_line(oom),
+        error=first_line(oom),
         message=message,
         device=device,
         free_bytes_now=free_now,
@@ -331,8 +291,8 @@ class OOMRescue:
         if error is None or not self.enabled() or find_oom(error) is None:
             return
         try:
-            from .oom_report import render_oom
-            from .render import show
+            from llm_magic.render.core import show
+            from llm_magic.render.oom import render_oom
 
             self.last_explanation = rescue(self.shell, error)
             (self._show or show)(render_oom(self.last_explanation))

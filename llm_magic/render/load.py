@@ -1,0 +1,107 @@
+"""The `%%llmload` report: placement per model beside its prediction, what was kept, free memory."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from llm_magic.render.core import DIM, HEADING, WARN, new_table, stack, warnings_panel
+from llm_magic.render.release import released_table
+from llm_magic.units import device_sort_key, format_by_device, format_bytes
+
+
+def placement_table(placement, predicted: dict[str, int] | None = None) -> Table:
+    columns = [("device", "left"), ("modules", "right"), ("bytes", "right"), ("share", "right")]
+    if predicted is not None:
+        columns.append(("predicted", "right"))
+    title = f"{placement.name}: {placement.class_name}, {format_bytes(placement.total_bytes)}"
+    table = new_table(title, *columns)
+    for row in placement.rows:
+        slow = row.device in ("cpu", "disk") and placement_has_accelerator(placement) or row.device == "disk"
+        style = WARN if slow else None
+        cells = [row.device, str(row.modules), format_bytes(row.nbytes), f"{row.share:.0%}"]
+        if predicted is not None:
+            cells.append(format_bytes(predicted.get(row.device, 0)))
+        table.add_row(*cells, style=style)
+    return table
+
+
+def placement_has_accelerator(placement) -> bool:
+    return any(row.device.split(":")[0] not in ("cpu", "disk", "meta") for row in placement.rows)
+
+
+def memory_table(before, after) -> Table | None:
+    if before is None and after is None:
+        return None
+    table = new_table("Free memory", ("device", "left"), ("before", "right"), ("after", "right"), ("change (system-wide)", "right"))
+    before_free = {d.device: d.free_bytes for d in getattr(before, "devices", ())}
+    after_free = {d.device: d.free_bytes for d in getattr(after, "devices", ())}
+    for device in sorted(set(before_free) | set(after_free), key=device_sort_key):
+        old, new = before_free.get(device), after_free.get(device)
+        change = format_bytes(new - old) if old is not None and new is not None else "unknown"
+        table.add_row(device, format_bytes(old), format_bytes(new), change)
+    return table
+
+
+def kept_table(kept: Iterable) -> Table | None:
+    kept = list(kept)
+    if not kept:
+        return None
+    table = new_table("Still loaded (kept: not replaced by this cell)", ("name", "left"), ("type", "left"), ("memory", "right"))
+    for holder in kept:
+        table.add_row(holder.path, holder.type_name.rsplit(".", 1)[-1], format_by_device(holder.bytes_by_device))
+    table.caption = "free them with %llmfree NAME ..., or reload with %%llmload --release-all"
+    table.caption_justify = "left"
+    return table
+
+
+def prediction_table(item) -> Table | Text:
+    p = item.prediction
+    name = item.target or p.model_id or "model"
+    if p.status != "ok" or not p.bytes_by_device:
+        why = "; ".join(p.notes) or p.status
+        return Text(f"Predicted placement of {name}: unknown ({why})", style=DIM)
+    title = f"Predicted placement of {name}: {p.model_class}, {format_bytes(p.total_bytes)} in {p.dtype}"
+    table = new_table(title, ("device", "left"), ("modules", "right"), ("bytes", "right"), ("share", "right"))
+    counts: dict[str, int] = {}
+    for device in (p.device_map or {}).values():
+        counts[device] = counts.get(device, 0) + 1
+    for device in sorted(p.bytes_by_device, key=device_sort_key):
+        nbytes = p.bytes_by_device[device]
+        style = WARN if p.best_device and device != p.best_device else None
+        share = nbytes / p.total_bytes if p.total_bytes else 0.0
+        table.add_row(device, str(counts.get(device, "")), format_bytes(nbytes), f"{share:.0%}", style=style)
+    notes = [n for n in p.notes if n]
+    if notes:
+        table.caption = "; ".join(notes)
+        table.caption_justify = "left"
+    return table
+
+
+def _predicted_for(report, name: str) -> dict[str, int] | None:
+    for item in report.predictions:
+        if item.target == name and item.prediction.status == "ok":
+            return item.prediction.bytes_by_device
+    return None
+
+
+def render_load_report(report) -> Group:
+    parts: list[Any] = []
+    heading = f"%%llmload {report.model_name}" + ("  (dry run: nothing released, nothing loaded)" if report.dry_run else "")
+    parts.append(Text(heading, style=HEADING))
+    parts.append(warnings_panel(report.warnings))
+    parts.append(released_table(report.released))
+    if report.dry_run:
+        parts.extend(prediction_table(item) for item in report.predictions)
+    for placement in report.models:
+        parts.append(placement_table(placement, _predicted_for(report, placement.name)))
+    for headroom in report.headroom:
+        parts.append(Text(f"Generation headroom: {headroom}", style="bold"))
+    parts.append(kept_table(report.kept))
+    parts.append(memory_table(report.memory_before, report.memory_after))
+    if report.error:
+        parts.append(Text(f"The cell raised {report.error} (traceback below).", style=WARN))
+    return stack(parts)
