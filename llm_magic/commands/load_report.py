@@ -52,6 +52,7 @@ class PredictedLoad:
 class LoadReport:
     model_name: str
     released: ReleaseResult = field(default_factory=ReleaseResult)
+    kept_for_reads: tuple[str, ...] = ()  # targets not released: the body reads them before rebinding
     models: tuple = ()  # placement.ModelPlacement, one per model the body bound
     kept: tuple[Holder, ...] = ()  # tensor holders still in the namespace, not replaced
     memory_before: Any = None  # devices.MemorySnapshot
@@ -66,6 +67,7 @@ class LoadReport:
         return {
             "model_name": self.model_name,
             "released": _as_dict(self.released),
+            "kept_for_reads": list(self.kept_for_reads),
             "models": _as_dict(self.models),
             "kept": _as_dict(self.kept),
             "memory_before": _as_dict(self.memory_before),

@@ -94,6 +94,7 @@ def render_load_report(report) -> Group:
     parts.append(Text(heading, style=HEADING))
     parts.append(warnings_panel(report.warnings))
     parts.append(released_table(report.released))
+    parts += [Text(f"kept `{name}`: the cell reads it before rebinding it", style=DIM) for name in report.kept_for_reads]
     if report.dry_run:
         parts.extend(prediction_table(item) for item in report.predictions)
     for placement in report.models:
