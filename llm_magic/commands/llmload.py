@@ -18,7 +18,12 @@ from llm_magic.commands.cell_plan import (
     release_targets,
     run_body,
 )
-from llm_magic.commands.load_report import Holder, LoadReport, PredictedLoad
+from llm_magic.commands.load_report import (
+    Holder,
+    LoadReport,
+    PredictedLoad,
+    SharedWeights,
+)
 from llm_magic.engine.paths import (
     TargetPath,
     Unresolvable,
@@ -229,6 +234,7 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     memory_after = memory_snapshot()
     models = bound_models(shell.user_ns, plan.targets)
     placements = tuple(model_placement(model, name) for name, model in models)
+    shared = _shared_weights(models)
     headroom = tuple(generation_headroom(model, name, memory_after, batch=options.batch) for name, model in models)
     kept = kept_holders(shell, [model for _, model in models])
     del models
@@ -237,6 +243,7 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
         released=released,
         kept_for_reads=kept_for_reads,
         models=placements,
+        shared=shared,
         kept=kept,
         memory_before=memory_before,
         memory_after=memory_after,
@@ -246,6 +253,19 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
         error=None if error is None else f"{type(error).__name__}: {error}".splitlines()[0][:300],
     )
     return LoadOutcome(report, error, value)
+
+
+def _shared_weights(models: list[tuple[str, Any]]) -> tuple[SharedWeights, ...]:
+    """For each model, the storage it shares with one bound before it (a PEFT model and its base)."""
+    footprints = [(name, Footprint().add(model)) for name, model in models]
+    shared = []
+    for index, (name, footprint) in enumerate(footprints):
+        for other, earlier in footprints[:index]:
+            common = footprint.storage_keys & earlier.storage_keys
+            if common:
+                shared.append(SharedWeights(name, other, footprint.restricted_to(common).by_device()))
+                break
+    return tuple(shared)
 
 
 def _prediction_warnings(item: PredictedLoad) -> list[str]:
