@@ -29,6 +29,7 @@ from llm_magic.engine.tensors import holds_tensors
 class CellPlan:
     source: str  # what IPython would run (magics transformed), compiled as the body
     tree: ast.Module  # `source` parsed
+    analysed: ast.Module  # `tree` with line magics replaced by what they run (for reading only)
     targets: tuple[TargetPath, ...]  # what the cell assigns, line magics included
     read_first: tuple[TargetPath, ...]  # targets the cell reads before rebinding: kept
     load_calls: tuple  # predict.calls.LoadCall for each model load in it
@@ -56,7 +57,7 @@ def read_cell(source: str, namespace: Mapping[str, Any]) -> CellPlan:
     # is predicted like the plain assignment.
     code = source if analysed is tree else ast.unparse(analysed)
     calls = tuple(call for call in find_load_calls(code, namespace) if call.is_model)
-    return CellPlan(source, tree, targets, read_first, calls, reads)
+    return CellPlan(source, tree, analysed, targets, read_first, calls, reads)
 
 
 def run_body(shell, plan: CellPlan) -> Any:

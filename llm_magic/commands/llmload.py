@@ -294,20 +294,14 @@ def _without_own_frames(error: BaseException) -> BaseException:
     return error.with_traceback(tb)
 
 
-def _accelerator_present() -> bool:
-    from llm_magic.engine.tensors import loaded_torch
-
-    torch = loaded_torch()
-    # is_available() asks the driver without creating a context.
-    return bool(torch is not None and torch.cuda.is_available())
-
-
 def _warnings(released: ReleaseResult, placements) -> list[str]:
     warnings = []
     for item in released.released:
         if not item.freed:
             warnings.append(f"{item.label} was not freed: still held by {'; '.join(item.held_by)}")
-    accelerator = _accelerator_present()
+    from llm_magic.measure.machine import accelerator_present
+
+    accelerator = accelerator_present()
     for placement in placements:
         message = placement.slow_tier_warning(accelerator)
         if message:
