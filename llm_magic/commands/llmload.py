@@ -24,6 +24,7 @@ from llm_magic.commands.load_report import (
     PredictedLoad,
     SharedWeights,
 )
+from llm_magic.commands.tracebacks import without_own_frames
 from llm_magic.engine.paths import (
     TargetPath,
     Unresolvable,
@@ -229,7 +230,7 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
         try:
             value = plan.run()
         except BaseException as exc:  # noqa: BLE001 - shown, then re-raised by the magic
-            error = _without_own_frames(exc)
+            error = without_own_frames(exc)
 
     memory_after = memory_snapshot()
     models = bound_models(shell.user_ns, plan.targets)
@@ -281,17 +282,6 @@ def _off_best(prediction) -> str:
     """'3.1 GiB on cpu, 2 GiB on disk': what the prediction puts off the best device."""
     placed = sorted((prediction.bytes_by_device or {}).items())
     return ", ".join(f"{format_bytes(n)} on {device}" for device, n in placed if device != prediction.best_device)
-
-
-def _without_own_frames(error: BaseException) -> BaseException:
-    """Start the traceback at the user's code: our orchestration frames are noise to them."""
-    import os
-
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # all of llm_magic
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(package):
-        tb = tb.tb_next
-    return error.with_traceback(tb)
 
 
 def _warnings(released: ReleaseResult, placements) -> list[str]:
