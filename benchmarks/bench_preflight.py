@@ -76,7 +76,7 @@ def bench_70b(rows: list[list[str]]) -> None:
 def real_load(path: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    from llm_magic.predict.preflight import normalize_device_map
+    from llm_magic.names import normalize_device_map
 
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     device_map = getattr(model, "hf_device_map", None)

@@ -12,18 +12,14 @@ import os
 
 import pytest
 
+from llm_magic.compat.transformers import version
+from llm_magic.names import normalize_device_map
+from llm_magic.predict.budget import transformers_budget
 from llm_magic.predict.calls import find_load_calls, load_call
-from llm_magic.predict.preflight import (
-    Prediction,
-    normalize_device_map,
-    predict,
-    read_checkpoint,
-    read_config,
-    transformers_budget,
-    transformers_version,
-)
+from llm_magic.predict.checkpoint import read_checkpoint, read_config
+from llm_magic.predict.preflight import Prediction, predict
 
-VERSION = transformers_version()
+VERSION = version()
 V4_57 = VERSION[:2] == (4, 57)
 PLENTY = {"cpu": 1 << 40}  # a budget no tiny model can exceed
 
@@ -248,7 +244,8 @@ def pin_available_ram(monkeypatch, available: int) -> None:
 
 def test_prediction_from_the_memory_the_release_will_free(tiny_models, monkeypatch):
     """%%llmload's path: a snapshot before the release plus what it frees, then the real load."""
-    from llm_magic.measure.memory import free_after_release, memory_snapshot
+    from llm_magic.measure.memory import memory_snapshot
+    from llm_magic.predict.budget import free_after_release
 
     path = tiny_models()
     total = total_of(path)
@@ -271,8 +268,8 @@ def test_gpu_not_measured_makes_auto_placement_unknown(tiny_models):
         CUDA_NOT_INITIALISED,
         DeviceMemory,
         MemorySnapshot,
-        free_after_release,
     )
+    from llm_magic.predict.budget import free_after_release
 
     path = tiny_models()
     snapshot = MemorySnapshot((DeviceMemory("cpu", "RAM", 64 << 30, 32 << 30),), CUDA_NOT_INITIALISED, 1,

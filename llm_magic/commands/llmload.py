@@ -32,6 +32,7 @@ from llm_magic.engine.tensors import (
 )
 from llm_magic.engine.walk import type_name
 from llm_magic.ipython import shell_state
+from llm_magic.names import parse_dtype
 from llm_magic.units import format_by_device, format_bytes
 
 
@@ -79,12 +80,12 @@ def plan_body(shell, options: LoadOptions, cell: str | None) -> BodyPlan:
         targets = [parse_target(options.model_var)]
         if options.tokenizer_var:
             targets.insert(0, parse_target(options.tokenizer_var))
-        dtype = autoload.parse_dtype(options.dtype)  # a bad dtype fails here, before release
+        dtype = parse_dtype(options.dtype)  # a bad dtype fails here, before release
         device_map = autoload.parse_device_map(options.device_map)
         arguments = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
         if device_map is not None:
             arguments["device_map"] = device_map
-        call = load_call(options.model_name, "AutoModelForCausalLM", **arguments)
+        call = load_call(options.model_name, "AutoModelForCausalLM", target=options.model_var, **arguments)
         return BodyPlan(targets, lambda: _run_default_loader(shell, options, dtype, device_map), [call])
     source = shell.transform_cell(cell)
     tree = body.parse_body(source)
@@ -106,7 +107,8 @@ def _run_body(shell, source: str, tree: ast.Module) -> Any:
 
 
 def _run_default_loader(shell, options: LoadOptions, dtype: Any, device_map: Any) -> None:
-    from llm_magic.measure.memory import loader_max_memory, memory_snapshot
+    from llm_magic.measure.memory import memory_snapshot
+    from llm_magic.predict.budget import loader_max_memory
 
     trust = options.trust_remote_code
     if options.tokenizer_var:
@@ -184,7 +186,7 @@ class StrictRefusal(RuntimeError):
 
 def _predict(calls: list, targets: list[Target], snapshot) -> tuple[PredictedLoad, ...]:
     """Each model load predicted with the memory that will be free after the release."""
-    from llm_magic.measure.memory import free_after_release
+    from llm_magic.predict.budget import free_after_release
     from llm_magic.predict.preflight import predict
 
     freed = Footprint()
@@ -262,7 +264,7 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
         memory_after=memory_after,
         predictions=predictions,
         headroom=headroom,
-        warnings=tuple(_warnings(released, placements)),
+        warnings=tuple(_warnings(released, placements, memory_after.accelerator_present)),
         error=None if error is None else f"{type(error).__name__}: {error}".splitlines()[0][:300],
     )
     return LoadOutcome(report, error, value)
@@ -294,20 +296,13 @@ def _without_own_frames(error: BaseException) -> BaseException:
     return error.with_traceback(tb)
 
 
-def _accelerator_present() -> bool:
-    from llm_magic.engine.tensors import loaded_torch
-
-    torch = loaded_torch()
-    # is_available() asks the driver without creating a context.
-    return bool(torch is not None and torch.cuda.is_available())
-
-
-def _warnings(released: ReleaseResult, placements) -> list[str]:
+def _warnings(released: ReleaseResult, placements, accelerator: bool) -> list[str]:
+    """`accelerator`: the machine has one (`memory.accelerator_present`, the same answer the
+    report's highlighted rows follow)."""
     warnings = []
     for item in released.released:
         if not item.freed:
             warnings.append(f"{item.label} was not freed: still held by {'; '.join(item.held_by)}")
-    accelerator = _accelerator_present()
     for placement in placements:
         message = placement.slow_tier_warning(accelerator)
         if message:

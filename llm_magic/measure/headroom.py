@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from llm_magic.compat.accelerate import execution_device, module_hooks
 from llm_magic.measure.kvcache import (
     NONE,
     SLIDING,
@@ -25,6 +26,7 @@ from llm_magic.measure.kvcache import (
     tokens_that_fit,
 )
 from llm_magic.measure.memory import MemorySnapshot
+from llm_magic.names import normalize_device
 from llm_magic.units import format_bytes
 
 # Names of module lists that are not the text decoder's layers, for models that hold several.
@@ -233,23 +235,14 @@ def _model_device(model: Any) -> str | None:
 def _execution_device(module: Any) -> str | None:
     """The accelerate hook's execution device on `module` or inside it, else where its first real tensor is."""
     for sub in module.modules():
-        hook = getattr(sub, "_hf_hook", None)
-        for candidate in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook chains several
-            device = getattr(candidate, "execution_device", None)
+        for hook in module_hooks(sub):
+            device = execution_device(hook)
             if device is not None:
-                return _device_name(device)
+                return normalize_device(device)
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
-            return _device_name(tensor.device)
+            return normalize_device(tensor.device)
     return None
-
-
-def _device_name(device: Any) -> str:
-    """0, "cuda", torch.device("cuda", 1) as "cuda:0" / "cuda:1"; "cpu" as is."""
-    if isinstance(device, int):
-        return f"cuda:{device}"
-    text = str(device)
-    return f"{text}:0" if text in ("cuda", "xpu", "npu", "mps") else text
 
 
 # --------------------------------------------------------------------------- the arithmetic

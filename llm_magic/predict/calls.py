@@ -15,7 +15,7 @@ import ast
 import inspect
 import operator
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 # The from_pretrained keywords the pre-flight reads. `torch_dtype` is the old spelling of `dtype`
@@ -352,11 +352,20 @@ def _classify(cls: Any) -> str | None:
         return None
     try:
         import transformers
-        from transformers.models.auto import auto_factory
     except ImportError:
         return None
-    if issubclass(cls, auto_factory._BaseAutoModelClass):
-        return "model"
+    from llm_magic.compat import CompatError
+    from llm_magic.compat.transformers import is_auto_class
+
+    try:
+        if is_auto_class(cls):
+            return "model"
+    except CompatError:
+        # Auto classes cannot be told apart in this version: the public bases below still sort
+        # tokenizers and configs; an Auto model class is then named by its name.
+        auto_unknown = True
+    else:
+        auto_unknown = False
     checks = [
         ("model", "PreTrainedModel"),
         ("tokenizer", "PreTrainedTokenizerBase"),
@@ -379,7 +388,7 @@ def _classify(cls: Any) -> str | None:
             continue
         if isinstance(base, type) and issubclass(cls, base):
             return kind
-    return "other"
+    return None if auto_unknown else "other"
 
 
 def _classify_by_name(name: str) -> str:
@@ -590,15 +599,19 @@ def _load_call(node: ast.Call, resolver: _Resolver, parents, targets) -> LoadCal
 def load_call(
     model_id: Any,
     class_name: str = "AutoModelForCausalLM",
+    *,
+    target: str | None = "model",
     **arguments: Any,
 ) -> LoadCall:
-    """A LoadCall for `class_name.from_pretrained(model_id, **arguments)` without writing the source.
+    """A LoadCall for `target = class_name.from_pretrained(model_id, **arguments)` without writing the source.
 
-    Convenience for callers that already hold the values (the benchmark, tests, a line magic):
-    the arguments are passed through the namespace, so they take exactly the parsing path a cell does.
+    Convenience for callers that already hold the values (the default loader of `%llmload`, the
+    benchmark, tests): the arguments are passed through the namespace, so they take exactly the
+    parsing path a cell does. `target` is the name the user chose for the result (`--model-var`):
+    reports name the model by it.
     """
     namespace = {"__model_id": model_id, **{f"__arg_{k}": v for k, v in arguments.items()}}
     keyword_text = "".join(f", {k}=__arg_{k}" for k in arguments)
     source = f"__model = {class_name}.from_pretrained(__model_id{keyword_text})"
     (call,) = find_load_calls(source, namespace)
-    return call
+    return replace(call, target=target)
