@@ -427,3 +427,25 @@ def test_reads_a_model_from_the_hf_cache(tiny_models, tmp_path):
     assert (prediction.device_map, prediction.total_bytes) == (real_map, real_bytes)
     missing = predict(load_call("org/absent", device_map="auto", cache_dir=cache), PLENTY)
     assert missing.status == "unknown" and any("offline" in note for note in missing.notes)
+
+
+@pytest.mark.parametrize("kind", ["untied-safetensors", "tied-safetensors"])
+@pytest.mark.parametrize("split", [False, True])
+def test_predicted_modules_and_bytes_per_device_equal_the_placement_table(checkpoint, tmp_path, kind, split):
+    """The dry run and the real report count the same things: modules that own a tensor, and
+    bytes where the load holds them (buffers of disk-offloaded modules stay on the cpu)."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_magic.measure.placement import model_placement
+
+    path = checkpoint(kind)
+    kwargs = dict(device_map="auto")
+    if split:
+        kwargs.update(max_memory={"cpu": int(total_of(path) * 0.6)}, offload_folder=str(tmp_path / "offload"))
+    prediction = predict(load_call(path, **kwargs), PLENTY)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    placement = model_placement(model, "model")
+    assert prediction.modules_by_device == {row.device: row.modules for row in placement.rows}
+    assert prediction.bytes_by_device == {row.device: row.nbytes for row in placement.rows}
+    assert len(prediction.modules_by_device) == (2 if split else 1)
+    assert sum(prediction.modules_by_device.values()) > len(prediction.device_map)  # modules, not map entries

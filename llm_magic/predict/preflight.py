@@ -84,7 +84,7 @@ def _predict(call: LoadCall, context: Context) -> Draft:
         draft = settle_device_map(request, replayed, context, draft)
         if context.find_missing and isinstance(replayed.device_map, str) and replayed.device_map in AUTO_MAPS:
             draft = find_missing(request, replayed, sizes, context, draft)
-        by_device, uncovered = bytes_by_device(sizes, draft.device_map)
+        by_device, uncovered = bytes_by_device(replayed.model, sizes, draft.device_map)
         draft = draft.with_(bytes_by_device=by_device,
                             modules_by_device=modules_by_device(replayed.model, sizes, draft.device_map))
         if uncovered:

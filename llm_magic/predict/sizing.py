@@ -2,16 +2,17 @@
 
 Element sizes are the meta model's, except where loading casts (the keep-in-fp32 rules) and
 where a quantizer counts its own sizes. Per-device figures follow a device map the way
-accelerate reads one: a tensor goes where its longest mapped prefix goes.
+accelerate dispatches one: a tensor goes where its longest mapped prefix goes, except the
+buffers of offloaded modules, which stay on the execution device.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from llm_magic.compat import CompatError
 from llm_magic.compat import transformers as tf
-from llm_magic.names import sort_devices
+from llm_magic.names import accelerators, sort_devices
 from llm_magic.predict.replay import Replayed
 from llm_magic.predict.result import Draft
 
@@ -60,12 +61,14 @@ def device_of(name: str, device_map: Mapping[str, str]) -> str | None:
         probe = probe.rsplit(".", 1)[0] if "." in probe else ""
 
 
-def bytes_by_device(sizes: Mapping[str, int], device_map: Mapping[str, str]) -> tuple[dict[str, int], int]:
-    """(bytes per device, bytes the map does not cover)."""
+def bytes_by_device(model: Any, sizes: Mapping[str, int], device_map: Mapping[str, str]) -> tuple[dict[str, int], int]:
+    """(bytes per device where the load will hold them, bytes the map does not cover)."""
+    buffers = {name for name, _ in model.named_buffers()}
+    placed = _Dispatch(device_map)
     totals: dict[str, int] = {}
     uncovered = 0
     for name, size in sizes.items():
-        device = device_of(name, device_map)
+        device = placed.device(name, name in buffers)
         if device is None:
             uncovered += size
             continue
@@ -81,15 +84,16 @@ def modules_by_device(model: Any, sizes: Mapping[str, int], device_map: Mapping[
     owns them (the loaded model's `lm_head` owns the embedding's weight too), at the size of the
     tensor they alias.
     """
+    placed = _Dispatch(device_map)
     per_module: dict[str, dict[str, int]] = {}
-    for name, tensor in _all_tensors(model):
-        device = device_of(name, device_map)
+    tensors = [(name, tensor, False) for name, tensor in model.named_parameters(remove_duplicate=False)]
+    tensors += [(name, tensor, True) for name, tensor in model.named_buffers(remove_duplicate=False)]
+    for name, tensor, is_buffer in tensors:
+        device = placed.device(name, is_buffer)
         if device is None:
             continue
-        module = name.rpartition(".")[0]
-        size = sizes.get(name, tensor.numel() * tensor.element_size())
-        per_module.setdefault(module, {}).setdefault(device, 0)
-        per_module[module][device] += size
+        owner = per_module.setdefault(name.rpartition(".")[0], {})
+        owner[device] = owner.get(device, 0) + sizes.get(name, tensor.numel() * tensor.element_size())
     counts: dict[str, int] = {}
     for per_device in per_module.values():
         device = max(sort_devices(per_device), key=per_device.__getitem__)
@@ -97,11 +101,33 @@ def modules_by_device(model: Any, sizes: Mapping[str, int], device_map: Mapping[
     return {device: counts[device] for device in sort_devices(counts)}
 
 
-def _all_tensors(model: Any):
-    """Every (name, tensor) of parameters and buffers, a tensor shared by several modules once per name."""
-    named: Callable = model.named_parameters
-    yield from named(remove_duplicate=False)
-    yield from model.named_buffers(remove_duplicate=False)
+class _Dispatch:
+    """Where accelerate's `dispatch_model` puts each tensor of a model loaded with `device_map`.
+
+    Parameters go where the map says. Buffers of offloaded modules do not: with
+    `offload_buffers=False` (the default of from_pretrained) they are moved to the execution
+    device, the main device of the map (its first accelerator, else the cpu). Modules are
+    offloaded when they map to disk, or to cpu while the main device is an accelerator other
+    than mps. Dispatch happens when the map has several devices or disk; a single-device load
+    keeps everything where it is. (accelerate 1.15 `big_modeling.dispatch_model`,
+    `hooks.AlignDevicesHook.init_hook`.)
+    """
+
+    def __init__(self, device_map: Mapping[str, str]):
+        self.map = device_map
+        used = set(device_map.values())
+        self.main = None
+        self.offloaded: set[str] = set()
+        if len(used) > 1 or "disk" in used:
+            found = accelerators(used)
+            self.main = found[0] if found else "cpu"
+            self.offloaded = {"disk"} if self.main == "cpu" or self.main.startswith("mps") else {"cpu", "disk"}
+
+    def device(self, name: str, is_buffer: bool) -> str | None:
+        device = device_of(name, self.map)
+        if is_buffer and device in self.offloaded:
+            return self.main
+        return device
 
 
 def largest_layer(model: Any, sizes: Mapping[str, int], no_split: set[str]) -> int:
