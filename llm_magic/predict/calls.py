@@ -31,7 +31,7 @@ LOAD_KEYWORDS = (
 )
 
 # Keywords that change where the files are read from, not what is built.
-LOCATION_KEYWORDS = ("revision", "subfolder", "cache_dir", "variant", "use_safetensors")
+LOCATION_KEYWORDS = ("revision", "subfolder", "cache_dir", "variant", "use_safetensors", "local_files_only")
 
 # Everything else from_pretrained pops before the rest go to the config as overrides.
 _NOT_CONFIG_KEYWORDS = frozenset(
