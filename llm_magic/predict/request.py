@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from llm_magic.predict.calls import Arg, LoadCall
+from llm_magic.predict.calls import LoadCall
+from llm_magic.predict.expressions import Arg
 from llm_magic.predict.result import Draft, Unknown
 
 # Methods whose result is not where from_pretrained put the model.
