@@ -10,7 +10,13 @@ import weakref
 import pytest
 from IPython.utils.capture import capture_output
 
-from llm_magic.compat import CompatError, Symbol, private_symbols, resolve
+from llm_magic.compat import (
+    CompatError,
+    Symbol,
+    call_function,
+    private_symbols,
+    resolve,
+)
 from llm_magic.compat import transformers as tf
 from llm_magic.compat.accelerate import FILE_SIZE
 
@@ -108,11 +114,11 @@ def test_a_changed_signature_is_a_compat_error_not_a_misbound_call():
     def helper(model, device_map):
         return (model, device_map)
 
-    assert tf.call_function(helper, "helper", model=1, device_map=2) == (1, 2)
+    assert call_function(helper, "helper", model=1, device_map=2) == (1, 2)
     # An optional keyword the function lacks is dropped; a required one is an error.
-    assert tf.call_function(helper, "helper", optional=("extra",), model=1, device_map=2, extra=3) == (1, 2)
+    assert call_function(helper, "helper", optional=("extra",), model=1, device_map=2, extra=3) == (1, 2)
     with pytest.raises(CompatError, match="helper has another signature"):
-        tf.call_function(helper, "helper", model=1, max_memory=2)
+        call_function(helper, "helper", model=1, max_memory=2)
 
 
 def test_version_is_read_without_importing_transformers():

@@ -15,7 +15,9 @@ releases, loads and reports.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any, Callable
 
 
 class CompatError(Exception):
@@ -57,3 +59,37 @@ def resolve(symbol: Symbol):
         except AttributeError:
             raise CompatError(f"{symbol.path} is missing in this {symbol.library} version") from None
     return obj
+
+
+def call(symbol: Symbol, *, optional: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """Call the private function `symbol` by keyword; CompatError if it is missing or its
+    parameters no longer fit. `optional` keywords are dropped where the function lacks them."""
+    return call_function(resolve(symbol), symbol.path, optional=optional, **kwargs)
+
+
+def call_function(function: Callable, label: str, *, optional: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """`function(**kwargs)`, refusing (CompatError) keywords that no longer bind, rather than a
+    call that binds wrongly. Errors raised inside the function pass through."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: call as is
+        return function(**kwargs)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in signature.parameters or k not in optional}
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        raise CompatError(f"{label} has another signature in this version ({error})") from None
+    return function(**kwargs)
+
+
+def class_method(symbol: Symbol, owner: Any):
+    """`owner`'s own binding of the method `symbol` names on a base class (a subclass or an
+    instance may override it); CompatError when the base or `owner` lacks it."""
+    resolve(symbol)  # missing on the base class itself: CompatError naming it
+    name = symbol.qualname.rsplit(".", 1)[1]
+    method = getattr(owner, name, None)
+    if method is None:
+        raise CompatError(f"{getattr(owner, '__name__', type(owner).__name__)} has no {name} in this "
+                          f"{symbol.library} version")
+    return method

@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import sys
 from typing import Any, Callable
 
-from llm_magic.compat import CompatError, Symbol, resolve
+from llm_magic.compat import (
+    CompatError,
+    Symbol,
+    call,
+    call_function,
+    class_method,
+    resolve,
+)
 
 _AUTO = "transformers.models.auto.auto_factory"
 _V5_HELPERS = "transformers.integrations.accelerate"
@@ -115,31 +121,6 @@ def offload_resaves_converted(v: tuple[int, int]) -> bool:
     return v[0] >= 5
 
 
-# --------------------------------------------------------------------------- calling by keyword
-
-
-def call(symbol: Symbol, *, optional: tuple[str, ...] = (), **kwargs: Any) -> Any:
-    """Call the private function `symbol` by keyword; CompatError if it is missing or its
-    parameters no longer fit. `optional` keywords are dropped where the function lacks them."""
-    return call_function(resolve(symbol), symbol.path, optional=optional, **kwargs)
-
-
-def call_function(function: Callable, label: str, *, optional: tuple[str, ...] = (), **kwargs: Any) -> Any:
-    try:
-        parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        parameters = None
-    if parameters is not None:
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        if not takes_any:
-            kwargs = {k: v for k, v in kwargs.items() if k in parameters or k not in optional}
-        try:
-            inspect.signature(function).bind(**kwargs)
-        except TypeError as error:
-            raise CompatError(f"{label} has another signature in this version ({error})") from None
-    return function(**kwargs)
-
-
 # --------------------------------------------------------------------------- the model class
 
 
@@ -195,7 +176,7 @@ def build_meta_model(model_class, config, dtype, hf_quantizer, device_map, check
     import copy
 
     config = copy.deepcopy(config)
-    init_context = _class_method(INIT_CONTEXT, model_class)
+    init_context = class_method(INIT_CONTEXT, model_class)
     if major() >= 5:
         contexts = call_function(init_context, INIT_CONTEXT.path, optional=("allow_all_kernels",),
                                  dtype=dtype, is_quantized=hf_quantizer is not None, _is_ds_init_called=False,
@@ -217,7 +198,7 @@ def _build_meta_model_v4(model_class, config, dtype, hf_quantizer, device_map, i
     try:
         # 4.57 `_get_dtype` sets torch's default dtype when a dtype is given; restore it after.
         if dtype is not None and dtype != original:
-            _class_method(SET_DEFAULT_DTYPE, model_class)(dtype)
+            class_method(SET_DEFAULT_DTYPE, model_class)(dtype)
         contexts = call_function(init_context, INIT_CONTEXT.path, is_quantized=hf_quantizer is not None,
                                  _is_ds_init_called=False)
         with _entered(contexts):
@@ -241,15 +222,6 @@ def _build_meta_model_v4(model_class, config, dtype, hf_quantizer, device_map, i
         hf_quantizer.preprocess_model(model=model, device_map=device_map, keep_in_fp32_modules=keep_fp32,
                                       config=model.config, use_kernels=False)
     return model, keep_regex
-
-
-def _class_method(symbol: Symbol, cls: type):
-    """`cls`'s own binding of a PreTrainedModel classmethod (a model may override it)."""
-    resolve(symbol)  # missing on PreTrainedModel itself: CompatError naming it
-    method = getattr(cls, symbol.qualname.rsplit(".", 1)[1], None)
-    if method is None:
-        raise CompatError(f"{cls.__name__} has no {symbol.qualname.rsplit('.', 1)[1]} in this transformers version")
-    return method
 
 
 @contextlib.contextmanager
@@ -305,10 +277,7 @@ def upcast_rule(model, dtype, keep_regex) -> Callable[[str], Any] | None:
         if keep_regex is None:
             return None
         return lambda name: torch.float32 if keep_regex.search(name) else None
-    get_plan = getattr(model, DTYPE_PLAN.qualname.rsplit(".", 1)[1], None)
-    if get_plan is None:
-        raise CompatError(f"{DTYPE_PLAN.path} is missing in this transformers version")
-    plan = call_function(get_plan, DTYPE_PLAN.path, dtype=dtype)
+    plan = call_function(class_method(DTYPE_PLAN, model), DTYPE_PLAN.path, dtype=dtype)
     if not plan:
         return None
     alternation, by_group, _ = call(GLOB_ALTERNATION, globs=list(plan))
