@@ -182,6 +182,47 @@ def find_load_calls(source: str, namespace: Mapping[str, Any] | None = None) -> 
     return [_load_call(node, resolver, parents, targets) for node in calls]
 
 
+class _Keywords:
+    """The keyword arguments of one call, `**mapping` unpacked when it can be read."""
+
+    def __init__(self, node: ast.Call, resolver: Resolver):
+        self.given: dict[str, Arg] = {}
+        self.hidden: list[str] = []  # `**expr` we cannot see into
+        for keyword in node.keywords:
+            if keyword.arg is not None:
+                self.given[keyword.arg] = resolver.arg(keyword.value)
+                continue
+            unpacked = resolver.arg(keyword.value)
+            if unpacked.known and isinstance(unpacked.value, Mapping):
+                for key, value in unpacked.value.items():
+                    self.given[str(key)] = Arg(True, True, value, f"{unpacked.source}[{key!r}]", "kwargs")
+            else:
+                self.hidden.append(f"**{unpacked.source}")
+
+    def get(self, name: str) -> Arg:
+        if name in self.given:
+            return self.given[name]
+        if self.hidden:
+            # Could be inside the `**kwargs` we cannot read: unknown, not absent.
+            return Arg(present=True, known=False, source=", ".join(self.hidden), origin="unknown")
+        return ABSENT
+
+    def dtype(self) -> tuple[Arg, str | None]:
+        """`dtype=` wins over `torch_dtype=` in both transformers 4.57 and 5.x."""
+        for name in ("dtype", "torch_dtype"):
+            if name in self.given:
+                return self.given[name], name
+        return self.get("dtype"), None
+
+
+def _model_id(node: ast.Call, resolver: Resolver, keywords: _Keywords) -> Arg:
+    """The checkpoint: the first positional argument, or the keyword."""
+    if node.args and isinstance(node.args[0], ast.Starred):
+        return Arg(True, False, None, resolver.text(node.args[0]), "unknown")
+    positional = [a for a in node.args if not isinstance(a, ast.Starred)]
+    return resolver.arg(positional[0]) if positional else keywords.get("pretrained_model_name_or_path")
+
+
 def _load_call(node: ast.Call, resolver: Resolver, parents, targets) -> LoadCall:
     notes: list[str] = []
     class_node = node.func.value  # type: ignore[attr-defined]
@@ -192,79 +233,27 @@ def _load_call(node: ast.Call, resolver: Resolver, parents, targets) -> LoadCall
     if kind is None:
         kind = classify_by_name(class_name)
         notes.append(f"class {class_expr} not found: kind {kind!r} guessed from its name")
-
     outer, chained = _outermost_chain(node, parents)
-    target = targets.get(id(outer))
-
-    keywords: dict[str, Arg] = {}
-    hidden: list[str] = []  # `**expr` we cannot see into
-    for keyword in node.keywords:
-        if keyword.arg is None:
-            unpacked = resolver.arg(keyword.value)
-            if unpacked.known and isinstance(unpacked.value, Mapping):
-                for key, value in unpacked.value.items():
-                    keywords[str(key)] = Arg(True, True, value, f"{unpacked.source}[{key!r}]", "kwargs")
-            else:
-                hidden.append(f"**{unpacked.source}")
-        else:
-            keywords[keyword.arg] = resolver.arg(keyword.value)
-
-    def get(name: str) -> Arg:
-        if name in keywords:
-            return keywords[name]
-        if hidden:
-            # Could be inside the `**kwargs` we cannot read: unknown, not absent.
-            return Arg(present=True, known=False, source=", ".join(hidden), origin="unknown")
-        return ABSENT
-
-    # The checkpoint: first positional, or the keyword.
-    positional = [a for a in node.args if not isinstance(a, ast.Starred)]
-    if node.args and isinstance(node.args[0], ast.Starred):
-        model_id = Arg(True, False, None, resolver.text(node.args[0]), "unknown")
-    elif positional:
-        model_id = resolver.arg(positional[0])
-    else:
-        model_id = get("pretrained_model_name_or_path")
+    keywords = _Keywords(node, resolver)
     if len(node.args) > 1:
         notes.append("extra positional arguments go to the model's __init__ (model_args): not modelled")
-
-    # `dtype=` wins over `torch_dtype=` in both transformers 4.57 and 5.x.
-    if "dtype" in keywords:
-        dtype, dtype_keyword = keywords["dtype"], "dtype"
-    elif "torch_dtype" in keywords:
-        dtype, dtype_keyword = keywords["torch_dtype"], "torch_dtype"
-    else:
-        dtype, dtype_keyword = get("dtype"), None
-
-    location = {name: keywords[name] for name in LOCATION_KEYWORDS if name in keywords}
-    overrides = {name: arg for name, arg in keywords.items() if name not in _NOT_CONFIG_KEYWORDS}
-    if "config" in keywords:
+    dtype, dtype_keyword = keywords.dtype()
+    given = keywords.given
+    overrides = {name: arg for name, arg in given.items() if name not in _NOT_CONFIG_KEYWORDS}
+    if "config" in given:
         notes.append("an explicit config= is passed: the checkpoint's config.json is not what is built")
-        overrides = {**overrides, "config": keywords["config"]}
-    if hidden:
-        notes.append(f"{', '.join(hidden)} may hold any argument: those not written out are unknown")
-
+        overrides = {**overrides, "config": given["config"]}
+    if keywords.hidden:
+        notes.append(f"{', '.join(keywords.hidden)} may hold any argument: those not written out are unknown")
     return LoadCall(
-        class_expr=class_expr,
-        class_name=class_name,
-        kind=kind,
-        class_resolved=cls is not None,
-        target=target,
-        model_id=model_id,
-        dtype=dtype,
-        dtype_keyword=dtype_keyword,
-        device_map=get("device_map"),
-        max_memory=get("max_memory"),
-        quantization_config=get("quantization_config"),
-        offload_folder=get("offload_folder"),
-        trust_remote_code=get("trust_remote_code"),
-        location=location,
-        config_overrides=overrides,
-        chained=chained,
-        lineno=node.lineno,
-        source=resolver.text(node),
-        notes=tuple(notes),
-        cls=cls,
+        class_expr=class_expr, class_name=class_name, kind=kind, class_resolved=cls is not None,
+        target=targets.get(id(outer)), model_id=_model_id(node, resolver, keywords),
+        dtype=dtype, dtype_keyword=dtype_keyword, device_map=keywords.get("device_map"),
+        max_memory=keywords.get("max_memory"), quantization_config=keywords.get("quantization_config"),
+        offload_folder=keywords.get("offload_folder"), trust_remote_code=keywords.get("trust_remote_code"),
+        location={name: given[name] for name in LOCATION_KEYWORDS if name in given},
+        config_overrides=overrides, chained=chained, lineno=node.lineno, source=resolver.text(node),
+        notes=tuple(notes), cls=cls,
     )
 
 
