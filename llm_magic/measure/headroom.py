@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from llm_magic import names
 from llm_magic.compat.accelerate import execution_device, module_hooks
 from llm_magic.measure.kvcache import (
     NONE,
@@ -26,7 +27,6 @@ from llm_magic.measure.kvcache import (
     tokens_that_fit,
 )
 from llm_magic.measure.memory import MemorySnapshot
-from llm_magic.names import normalize_device
 from llm_magic.units import format_bytes
 
 # Names of module lists that are not the text decoder's layers, for models that hold several.
@@ -112,7 +112,7 @@ def generation_headroom(model: Any, name: str, snapshot: MemorySnapshot, *, batc
     notes: list[str] = []
     dtype = _model_dtype(model)
     profile = _profile(model, dtype, notes)
-    dtype_name = profile.dtype if profile is not None else (None if dtype is None else str(dtype).removeprefix("torch."))
+    dtype_name = profile.dtype if profile is not None else (None if dtype is None else names.dtype_name(dtype))
     growing = [layer for layer in profile.layers if layer.kind != NONE] if profile is not None else []
     if profile is not None and profile.layers and not growing:
         # Recurrent layers only (mamba...): a fixed state per sequence, nothing per token.
@@ -238,10 +238,10 @@ def _execution_device(module: Any) -> str | None:
         for hook in module_hooks(sub):
             device = execution_device(hook)
             if device is not None:
-                return normalize_device(device)
+                return names.normalize_device(device)
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
-            return normalize_device(tensor.device)
+            return names.normalize_device(tensor.device)
     return None
 
 

@@ -35,7 +35,7 @@ from llm_magic.compat.accelerate import (
 )
 from llm_magic.engine.tensors import is_module, module_tensors, tensor_storage
 from llm_magic.engine.walk import instance_dict
-from llm_magic.names import is_accelerator, sort_devices
+from llm_magic.names import dtype_name, is_accelerator, sort_devices
 from llm_magic.units import format_bytes
 
 
@@ -160,7 +160,7 @@ def model_placement(model: Any, name: str) -> ModelPlacement:
         module_bytes[qualified_name.rpartition(".")[0]][located.device] += located.nbytes
         if located.key not in counted:
             counted[located.key] = located
-            dtype_bytes[str(tensor.dtype).removeprefix("torch.")] += located.nbytes
+            dtype_bytes[dtype_name(tensor.dtype)] += located.nbytes
 
     device_bytes: dict[str, int] = defaultdict(int)
     for located in counted.values():

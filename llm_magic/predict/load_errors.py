@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-from llm_magic.compat import CompatError
 from llm_magic.compat import transformers as tf
 from llm_magic.predict.replay import Replayed
 from llm_magic.predict.request import Request
@@ -57,9 +56,7 @@ def _converted_on_disk(replayed: Replayed, device_map) -> list[str] | None:
     model, checkpoint = replayed.model, replayed.checkpoint
     try:
         conversions = tf.converted_weight_patterns(model)
-    except CompatError:
-        return None
-    except Exception:  # noqa: BLE001 - the mapping helper failed on this model: cannot check
+    except Exception:  # noqa: BLE001 - CompatError, or the mapping helper failed on this model
         return None
     disk = [name for name in model.state_dict() if device_of(name, device_map) == "disk"]
     found: list[str] = []

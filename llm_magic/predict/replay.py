@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from llm_magic.compat import CompatError
 from llm_magic.compat import transformers as tf
 from llm_magic.names import dtype_name, parse_dtype
 from llm_magic.predict.checkpoint import Checkpoint, read_checkpoint, read_config
@@ -42,7 +43,7 @@ def replay(request: Request, version: tuple[int, int], draft: Draft) -> tuple[Re
     try:
         model_class, config = tf.concrete_class(request.cls, config, request.model_id,
                                                 request.trust_remote_code, dict(request.where))
-    except tf.CompatError:
+    except CompatError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise Unknown(f"cannot tell which class {request.class_name} builds: {exc}", draft) from None
@@ -51,7 +52,7 @@ def replay(request: Request, version: tuple[int, int], draft: Draft) -> tuple[Re
     try:
         model, keep_regex = tf.build_meta_model(model_class, config, dtype, hf_quantizer, device_map,
                                                 list(checkpoint.files) if checkpoint else None)
-    except tf.CompatError:
+    except CompatError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise Unknown(f"cannot build {model_class.__name__} on the meta device: {exc}", draft) from None
@@ -110,7 +111,7 @@ def _quantizer(request: Request, config, draft: Draft):
     try:
         hf_quantizer, config, device_map = tf.make_quantizer(config, request.quantization_config, request.dtype,
                                                              request.device_map)
-    except tf.CompatError:
+    except CompatError:
         raise
     except Exception as exc:  # noqa: BLE001
         draft = draft.raising(f"{type(exc).__name__}: {exc}")
