@@ -191,6 +191,9 @@ def test_check_load_sources_over_a_cells_calls(tiny_model, tmp_path, no_network)
     assert problems[0].reason == "no local directory or cached model named 'path', and the hub is offline"
     assert problems[1].reason == f"no local directory named {typo!r}"
     assert check_load_sources(calls[:1]) == []  # the tokenizer's directory is fine
+    gguf = find_load_calls("m = AutoModelForCausalLM.from_pretrained('org/q', gguf_file='q4.gguf')\n"
+                           "c = AutoModelForCausalLM.from_pretrained('org/q', config=CFG)", {"CFG": object()})
+    assert check_load_sources(gguf) == []  # neither needs the repo's config.json
     assert check_source(object()).status == UNKNOWN
 
 

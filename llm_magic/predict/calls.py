@@ -25,7 +25,8 @@ LOAD_KEYWORDS = ("dtype", "torch_dtype", "device_map", "max_memory", "quantizati
                  "trust_remote_code")
 
 # Keywords that change where the files are read from, not what is built.
-LOCATION_KEYWORDS = ("revision", "subfolder", "cache_dir", "variant", "use_safetensors", "local_files_only")
+LOCATION_KEYWORDS = ("revision", "subfolder", "cache_dir", "variant", "use_safetensors", "local_files_only",
+                     "gguf_file")
 
 # Everything else from_pretrained pops before the rest go to the config as overrides.
 _NOT_CONFIG_KEYWORDS = frozenset(LOAD_KEYWORDS + LOCATION_KEYWORDS + (

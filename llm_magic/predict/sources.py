@@ -242,8 +242,8 @@ def _check_arguments(call) -> tuple | None:
     model_id = call.model_id.value
     if not isinstance(model_id, (str, os.PathLike)):
         return None  # e.g. PeftModel.from_pretrained(base_model, ...): the first argument is a model
-    if "config" in call.config_overrides:
-        return None  # an explicit config= object: the checkpoint needs no config.json
+    if "config" in call.config_overrides or "gguf_file" in call.location:
+        return None  # an explicit config= object, or a GGUF file: the checkpoint needs no config.json
     names = ("revision", "subfolder", "cache_dir", "local_files_only")
     if any(not call.location[n].known for n in names if n in call.location):
         return None
