@@ -5,7 +5,7 @@ device accelerate's hook runs it on (a dispatched model, weights possibly offloa
 disk), else the device its weights are on. So the cache can be split across devices, and the
 device that fills first bounds the length. Per token the cost is `kvcache.kv_cache_profile` of
 the model's config in the model's real dtype (transformers 4.x loads a bf16 checkpoint as
-float32, and its cache is float32 too); the free memory is a `devices.MemorySnapshot`'s: driver
+float32, and its cache is float32 too); the free memory is a `memory.MemorySnapshot`'s: driver
 free plus PyTorch's unused cache on a GPU, available RAM on the cpu.
 
 Pure: no IPython; torch is reached only through the model given. Activations and allocator
