@@ -5,20 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def parse_dtype(name: str) -> Any:
-    """'auto' stays 'auto'; 'bfloat16'/'bf16'/'torch.float16' become torch dtypes."""
-    import torch
-
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    name = name.removeprefix("torch.")
-    if name == "auto":
-        return "auto"
-    dtype = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} (use auto, bfloat16, float16 or float32)")
-    return dtype
-
-
 def parse_device_map(value: str) -> Any:
     """'auto', 'cpu', 'cuda:0', ... as given; 'none' means no device_map (plain cpu load)."""
     return None if value.lower() == "none" else value

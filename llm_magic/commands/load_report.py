@@ -74,6 +74,7 @@ class LoadReport:
     headroom: tuple = ()  # headroom.Headroom per model
     warnings: tuple[str, ...] = ()
     error: str | None = None  # the body's exception, one line
+    load_failure: str | None = None  # when a load failed inside transformers: why, in plain words
     dry_run: bool = False
 
     def to_dict(self) -> dict:
@@ -90,6 +91,7 @@ class LoadReport:
             "headroom": _as_dict(self.headroom),
             "warnings": list(self.warnings),
             "error": self.error,
+            "load_failure": self.load_failure,
             "dry_run": self.dry_run,
         }
 
