@@ -16,7 +16,7 @@ from llm_magic.engine.paths import (
 )
 from llm_magic.engine.release import Binding, HiddenRef, ReleaseResult, Target, release
 from llm_magic.engine.tensors import find_tensor_holders, holds_tensors
-from llm_magic.engine.walk import WalkStats
+from llm_magic.engine.walk import WalkStats, paused_gc
 from llm_magic.ipython import shell_state
 
 
@@ -56,8 +56,8 @@ def _named_targets(shell, names: list[str]) -> list[Target]:
             resolve(path, shell.user_ns)
         except ValueError as error:
             raise FreeError(str(error)) from None
-        except Unresolvable:
-            raise FreeError(f"name {name!r} is not defined: nothing was released") from None
+        except Unresolvable as missing:
+            raise FreeError(f"{missing.reason}: nothing was released") from None
         paths.append(path)
     # Resolved again only once every name is known to exist: all or nothing.
     return [
@@ -70,6 +70,11 @@ def run_llmfree(shell, names: list[str], *, everything: bool = False, hidden_onl
     shell_state.require_shell(shell)
     if not names and not everything and not hidden_only:
         raise FreeError("%llmfree needs NAME ..., --all or --hidden")
+    with paused_gc():
+        return _free(shell, names, everything, hidden_only, dry_run)
+
+
+def _free(shell, names: list[str], everything: bool, hidden_only: bool, dry_run: bool) -> ReleaseResult:
     targets = _named_targets(shell, names)
     hidden = shell_state.hidden_refs(shell)
     also_clear: list[HiddenRef] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_magic.engine.holders import HolderRow
 from llm_magic.engine.release import ReleaseResult
 
 
@@ -19,22 +20,6 @@ def _as_dict(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(key): _as_dict(item) for key, item in value.items()}
     return value
-
-
-@dataclass(frozen=True)
-class Holder:
-    """An object in the namespace that holds tensor memory (a kept model, a big tensor)."""
-
-    path: str
-    type_name: str
-    bytes_by_device: dict[str, int]
-
-    @property
-    def total(self) -> int:
-        return sum(self.bytes_by_device.values())
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "type": self.type_name, "bytes_by_device": dict(self.bytes_by_device)}
 
 
 @dataclass(frozen=True)
@@ -53,7 +38,7 @@ class LoadReport:
     model_name: str
     released: ReleaseResult = field(default_factory=ReleaseResult)
     models: tuple = ()  # placement.ModelPlacement, one per model the body bound
-    kept: tuple[Holder, ...] = ()  # tensor holders still in the namespace, not replaced
+    kept: tuple[HolderRow, ...] = ()  # tensor holders still in the namespace (holders.HolderRows: with .cut)
     memory_before: Any = None  # devices.MemorySnapshot
     memory_after: Any = None
     predictions: tuple[PredictedLoad, ...] = ()  # one per model load call, made before the release
@@ -68,6 +53,7 @@ class LoadReport:
             "released": _as_dict(self.released),
             "models": _as_dict(self.models),
             "kept": _as_dict(self.kept),
+            "kept_cut": list(getattr(self.kept, "cut", ())),  # names whose walk was cut
             "memory_before": _as_dict(self.memory_before),
             "memory_after": _as_dict(self.memory_after),
             "predictions": _as_dict(self.predictions),
