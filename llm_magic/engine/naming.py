@@ -8,7 +8,7 @@ import re
 import types
 from typing import Any, Iterable, Sequence
 
-from llm_magic.engine.tensors import is_tensor
+from llm_magic.engine.tensors import is_module, is_tensor, module_tensors
 from llm_magic.engine.walk import WalkStats, find_paths, paused_gc, type_name
 
 _INDEX = re.compile(r"\[\d+\]")
@@ -32,6 +32,9 @@ def name_holders(
     with paused_gc():
         found = find_paths(naming_roots, wanted, stop=is_tensor, stats=stats)
     unnamed = [obj for obj in survivors if id(obj) not in found]
+    # The weights of an unnamed model are held by that model: it alone is described.
+    inside = {id(tensor) for obj in unnamed if is_module(obj) for _, tensor in module_tensors(obj)}
+    unnamed = [obj for obj in unnamed if id(obj) not in inside]
     if unnamed:
         ours = {id(survivors), id(unnamed), *(id(container) for container in ignore)}
         for key, referrers in _referrer_types(unnamed, ours).items():

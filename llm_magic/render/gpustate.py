@@ -42,7 +42,7 @@ def _device_rows(memory) -> Table:
 _KIND_STYLE = {"named": None, "hidden": HIDDEN_STYLE, "unnamed": UNNAMED_STYLE}
 
 
-def _holders_table(state) -> Table | Text:
+def _holders_table(state) -> Table | Group | Text:
     rows = state.shown_holders()
     hidden_count = len(state.holders.rows) - len(rows)
     cut = _cut_note(state.holders.cut)
@@ -70,12 +70,11 @@ def _holders_table(state) -> Table | Text:
         notes.append(f"{hidden_count} small holder(s) below {format_bytes(state.small_bytes)} not shown: %gpustate --all")
     if not state.holders.orphans_searched:
         notes.append("unnamed holders not searched: %gpustate --deep")
-    if cut:
-        notes.append(cut)
     if notes:
         table.caption = "; ".join(notes)
         table.caption_justify = "left"
-    return table
+    # A line of its own, not the caption: the table is narrow and would wrap it.
+    return Group(table, Text(cut, style=WARN)) if cut else table
 
 
 def _cut_note(cut) -> str:
