@@ -217,6 +217,8 @@ def expand(obj: Any, found: Layout, limit: int | None) -> tuple[list[tuple[str, 
             return [(f"[{index}]", value) for index, value in enumerate(values) if type(value) not in ATOMIC_TYPES], size, size == (
                 list.__len__(obj) if shape == LIST else tuple.__len__(obj)
             )
+        if shape == DICT:
+            return _dict_children(obj, limit)
         if shape == OBJECT and not found.slots:
             attrs = _real_dict(obj) if found.real_dict else None
             return _attribute_children(attrs, limit) if attrs is not None else ([], 0, True)
@@ -225,6 +227,23 @@ def expand(obj: Any, found: Layout, limit: int | None) -> tuple[list[tuple[str, 
         # A container mutated under us, or a C extension type that refuses: stop here, the
         # walk goes on with the siblings.
         return [], 0, True
+
+
+def _dict_children(mapping: dict, limit: int | None) -> tuple[list[tuple[str, Any]], int, bool]:
+    # A module's namespace (the notebook's own `user_ns`, a function's globals): the program's
+    # state, which the walk never enters.
+    if dict.__contains__(mapping, "__builtins__"):
+        return [], 0, True
+    size = dict.__len__(mapping)
+    items = dict.items(mapping) if limit is None or size <= limit else islice(dict.items(mapping), limit)
+    children = []
+    for key, value in items:
+        if type(key) not in ATOMIC_TYPES and type(key) is not tuple:
+            children.append((f".keys() item <{type(key).__name__}>", key))
+        if type(value) not in ATOMIC_TYPES:
+            children.append((safe_repr_key(key), value))
+    read = size if limit is None else min(size, limit)
+    return children, read, read == size
 
 
 def _attribute_children(attrs: dict, limit: int | None) -> tuple[list[tuple[str, Any]], int, bool]:
@@ -255,16 +274,7 @@ def _expand_items(items: Iterator[tuple[str, Any]], limit: int | None) -> tuple[
 def _items(obj: Any, found: Layout) -> Iterator[tuple[str, Any]]:
     """Every (step, value) `obj` holds, atomic values included (they cost a read)."""
     shape = found.shape
-    if shape == DICT:
-        # A module's namespace (the notebook's own `user_ns`, a function's globals): the
-        # program's state, which the walk never enters.
-        if dict.__contains__(obj, "__builtins__"):
-            return
-        for key, value in dict.items(obj):
-            if type(key) not in ATOMIC_TYPES and type(key) is not tuple:
-                yield f".keys() item <{type(key).__name__}>", key
-            yield safe_repr_key(key), value
-    elif shape in (SET, FROZENSET):
+    if shape in (SET, FROZENSET):
         for value in set.__iter__(obj) if shape == SET else frozenset.__iter__(obj):
             yield " (a set member)", value
     elif shape == MAPPING_PROXY:
@@ -272,7 +282,7 @@ def _items(obj: Any, found: Layout) -> Iterator[tuple[str, Any]]:
         # the user can type on the proxy itself (`proxy['key']`).
         mapping = gc.get_referents(obj)
         if len(mapping) == 1 and issubclass(type(mapping[0]), dict):
-            yield from _items(mapping[0], layout(dict))
+            yield from _dict_children(mapping[0], None)[0]
     elif shape == METHOD:
         yield ".__self__", obj.__self__
     elif shape == PARTIAL:
