@@ -134,7 +134,7 @@ def gpustate_times(kernel: Kernel, repeat: int) -> dict:
     kernel.run("%gpustate")  # warm-up: imports
     times = [kernel.run("%gpustate")[0] for _ in range(repeat)]
     rows = kernel.value("_state = %gpustate -o\nprint(json.dumps([r.path for r in _state.holders.rows]))")
-    cut = kernel.value("print(json.dumps(list(_state.holders.cut)))")
+    cut = kernel.value("print(json.dumps(list(getattr(_state.holders, 'cut', ['(not reported)']))))")
     return {"median_ms": median_ms(times), "min_ms": min(times) * 1000, "max_ms": max(times) * 1000, "model_listed": "model" in rows, "cut": cut}
 
 
@@ -169,18 +169,31 @@ def reload_ratio(kernel: Kernel, path: str, loads: int) -> dict:
     }
 
 
-def busy_kernel(checkpoints, order: str) -> Kernel:
+def use_package(kernel: Kernel, root: str | None) -> None:
+    """Import llm_magic from `root` (another version, for a before/after) instead of this one."""
+    if root:
+        kernel.run(
+            "import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+            f"sys.path.insert(0, {root!r})\n"
+            "import llm_magic\n"
+            f"assert llm_magic.__file__.startswith({root!r}), llm_magic.__file__"
+        )
+
+
+def busy_kernel(checkpoints, order: str, package: str | None) -> Kernel:
     kernel = Kernel()
+    use_package(kernel, package)
     model = LOAD.format(path=checkpoints["951"][0])
     kernel.run(SETUP + NAMES)
     kernel.run(TOKENS + model if order == "list first" else model + TOKENS)
     return kernel
 
 
-def measure(checkpoints, repeat: int, loads: int) -> dict:
+def measure(checkpoints, repeat: int, loads: int, package: str | None) -> dict:
     results: dict = {}
     for order in ("list first", "model first"):
-        kernel = busy_kernel(checkpoints, order)
+        kernel = busy_kernel(checkpoints, order, package)
         try:
             entry = {"heap": kernel.value(HEAP), "gpustate": gpustate_times(kernel, repeat)}
             if order == "list first":
@@ -192,6 +205,7 @@ def measure(checkpoints, repeat: int, loads: int) -> dict:
             kernel.close()
     kernel = Kernel()
     try:
+        use_package(kernel, package)
         kernel.run(SETUP + LOAD.format(path=checkpoints["951"][0]))
         results["quiet"] = {
             "heap": kernel.value(HEAP),
@@ -262,15 +276,18 @@ def main() -> None:
     parser.add_argument("--loads", type=int, default=5, help="reloads per measurement")
     parser.add_argument("--write", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     parser.add_argument("--json", help="also write the raw figures here")
+    parser.add_argument("--package-root", help="measure the llm_magic found in this folder instead (a before/after)")
     args = parser.parse_args()
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llm-magic-bench-models-") as root:
         checkpoints = build_checkpoints(Path(root))
-        results = measure(checkpoints, args.repeat, args.loads)
+        results = measure(checkpoints, args.repeat, args.loads, args.package_root)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     text = report(results, checkpoints)
+    if args.package_root:
+        text = text.replace("## Busy notebook", f"## Busy notebook, llm_magic from {args.package_root}", 1)
     print(text)
     print(f"\n(took {time.perf_counter() - started:.0f} s)")
     if args.write:

@@ -90,57 +90,57 @@ def _walk(
     recorded in `found`, also through objects already seen by another route.
     """
     labels: list[str] = []
-    spent: list[int] = []
     queue: deque[tuple[int, str, Any]] = deque()
+    seen = stats.seen  # an object is seen once queued: each is visited once, by its first path
     for label, obj in roots:
-        labels.append(label)
-        spent.append(0)
-        queue.append((len(labels) - 1, label, obj))
         if wanted is not None and id(obj) in wanted:
             found.setdefault(id(obj), []).append(label)
+        labels.append(label)
+        if type(obj) not in ATOMIC_TYPES and id(obj) not in seen:
+            seen.add(id(obj))
+            queue.append((len(labels) - 1, label, obj))
+    spent = [0] * len(labels)
     cut = [False] * len(labels)
-    queued: set[int] = set()
-    verdicts: dict[int, tuple[bool, Any]] = {}  # per type id: (leaf, layout)
-    seen = stats.seen
-    while queue:
-        root, path, obj = queue.popleft()
-        key = id(obj)
-        if key in seen:
-            continue
-        seen.add(key)
-        stats.visited += 1
-        kind = type(obj)
-        verdict = verdicts.get(id(kind))
-        if verdict is None:
-            verdict = verdicts[id(kind)] = (bool(leaf(obj)), layout(kind))
-        is_leaf, shape = verdict
-        if is_leaf:
-            yield labels[root], path, obj
-            continue
-        if shape.shape in (ATOM, OPAQUE):
-            continue
-        room = None if budget is None else budget - spent[root]
-        if total is not None and (room is None or total - stats.read < room):
-            room = total - stats.read
-        if room is not None and room <= 0:
-            if not cut[root]:
+    verdicts: dict[int, tuple[bool, Any, bool]] = {}  # per type id: (leaf, layout, walkable)
+    visited = 0
+    try:
+        while queue:
+            root, path, obj = queue.popleft()
+            visited += 1
+            kind = type(obj)
+            verdict = verdicts.get(id(kind))
+            if verdict is None:
+                found_layout = layout(kind)
+                verdict = verdicts[id(kind)] = (bool(leaf(obj)), found_layout, found_layout.shape not in (ATOM, OPAQUE))
+            is_leaf, shape, walkable = verdict
+            if is_leaf:
+                yield labels[root], path, obj
+                continue
+            if not walkable:
+                continue
+            room = None if budget is None else budget - spent[root]
+            if total is not None and (room is None or total - stats.read < room):
+                room = total - stats.read
+            if room is not None and room <= 0:
+                if not cut[root]:
+                    cut[root] = True
+                    stats.note_cut(labels[root])
+                continue
+            items, read, complete = expand(obj, shape, room)
+            spent[root] += read
+            stats.read += read
+            if not complete and not cut[root]:
                 cut[root] = True
                 stats.note_cut(labels[root])
-            continue
-        items, read, complete = expand(obj, shape, room)
-        spent[root] += read
-        stats.read += read
-        if not complete and not cut[root]:
-            cut[root] = True
-            stats.note_cut(labels[root])
-        for step, child in items:
-            child_key = id(child)
-            if wanted is not None and child_key in wanted:
-                found.setdefault(child_key, []).append(path + step)
-            if child_key in seen or child_key in queued:
-                continue
-            queued.add(child_key)
-            queue.append((root, path + step, child))
+            for step, child in items:
+                child_key = id(child)
+                if wanted is not None and child_key in wanted:
+                    found.setdefault(child_key, []).append(path + step)
+                if child_key not in seen:
+                    seen.add(child_key)
+                    queue.append((root, path + step, child))
+    finally:
+        stats.visited += visited
 
 
 def walk_leaves(
