@@ -74,3 +74,12 @@ def test_a_model_inside_the_big_list_is_not_called_unnamed(shell, tiny_model):
     assert rows["big[1000000]"].kind == "named" and rows["big[1000000]"].is_model
     assert deep.holders.cut == () and not any(row.kind == "unnamed" for row in deep.holders.rows)
     assert not any("%llmfree --hidden" in flag for flag in deep.flags + shallow.flags)
+
+
+def test_llmfree_all_says_which_names_it_searched_only_in_part(shell, tiny_model):
+    shell.user_ns["_test_path"] = tiny_model
+    ok(shell, BIG + MODELS + "big.append(runs.pop('alias'))\n")
+    result, captured = run(shell, "%llmfree --all --dry-run -o")
+    assert {item.label for item in result.result.released} == {"model", "runs"}
+    assert result.result.cut == ("big",)
+    assert "Searched only in part (too many objects): big" in captured.stdout

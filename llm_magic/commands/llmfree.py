@@ -5,6 +5,7 @@ The same engine as `%%llmload` (release.py) does the work; this module only choo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterator
 
 from llm_magic.engine.paths import (
@@ -24,9 +25,9 @@ class FreeError(ValueError):
     """Bad names: nothing was released."""
 
 
-def hidden_only_holders(shell, hidden: list[HiddenRef]) -> Iterator[tuple[str, Any]]:
+def hidden_only_holders(shell, hidden: list[HiddenRef], stats: WalkStats | None = None) -> Iterator[tuple[str, Any]]:
     """(label, tensor-or-module) reachable through hidden references but from no user name."""
-    stats = WalkStats()
+    stats = stats if stats is not None else WalkStats()
     for _ in find_tensor_holders(shell_state.visible_names(shell), stats=stats):
         pass  # marks everything the user can reach as seen
     for ref in hidden:
@@ -79,16 +80,27 @@ def _free(shell, names: list[str], everything: bool, hidden_only: bool, dry_run:
     hidden = shell_state.hidden_refs(shell)
     also_clear: list[HiddenRef] = []
     claimed = {id(target.value) for target in targets}
+    cut: list[str] = []  # names searched only in part: what they hold is not released
     if everything:
         for name, value in shell_state.visible_names(shell):
-            if id(value) not in claimed and holds_tensors(value):
+            if id(value) in claimed:
+                continue
+            stats = WalkStats()
+            if holds_tensors(value, stats=stats):
                 claimed.add(id(value))
                 targets.append(Target(name, value, (Binding(name, unbinder(TargetPath(name), shell.user_ns)),)))
+            elif stats.truncated:
+                cut.append(name)
     if everything or hidden_only:
-        for label, leaf in hidden_only_holders(shell, hidden):
+        stats = WalkStats()
+        for label, leaf in hidden_only_holders(shell, hidden, stats):
             if id(leaf) not in claimed:
                 claimed.add(id(leaf))
                 targets.append(Target(label, leaf, ()))
+        # Hidden places searched in part (a huge `Out[3]`); the names' own cuts are above.
+        visible = {name for name, _ in shell_state.visible_names(shell)}
+        cut += [label for label in stats.cut if label not in visible]
         also_clear = _holding_tensors(hidden)
     value = leaf = None  # noqa: F841 - no strong reference may outlive the release
-    return release(targets, hidden, lambda: shell_state.naming_roots(shell), also_clear=also_clear, dry_run=dry_run)
+    result = release(targets, hidden, lambda: shell_state.naming_roots(shell), also_clear=also_clear, dry_run=dry_run)
+    return replace(result, cut=tuple(cut)) if cut else result

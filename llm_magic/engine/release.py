@@ -71,6 +71,7 @@ class ReleaseResult:
     interrupted: bool = False  # a KeyboardInterrupt arrived and was deferred past the release
     also_cleared: tuple[str, ...] = ()  # hidden copies dropped of objects the user still names
     dry_run: bool = False  # nothing was changed: this is what a release would do
+    cut: tuple[str, ...] = ()  # names searched for tensors only in part (too many objects)
 
     @property
     def all_freed(self) -> bool:

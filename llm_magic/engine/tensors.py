@@ -123,10 +123,13 @@ def find_tensor_holders(
     return breadth_first(roots, is_leaf=is_tensor_holder_leaf, budget=budget, total=total, stats=stats)
 
 
-def holds_tensors(obj: Any, *, budget: int = 20_000) -> bool:
-    """Does `obj` hold (directly or inside) a tensor with data, or a module with weights?"""
+def holds_tensors(obj: Any, *, budget: int = 20_000, stats: WalkStats | None = None) -> bool:
+    """Does `obj` hold (directly or inside) a tensor with data, or a module with weights?
+
+    False may mean "not within the budget": `stats.truncated` then says so.
+    """
     with paused_gc():
-        for _, leaf in find_tensor_holders([("", obj)], budget=budget):
+        for _, leaf in find_tensor_holders([("", obj)], budget=budget, stats=stats):
             for tensor in tensors_of(leaf):
                 return True
     return False
