@@ -104,16 +104,16 @@ def deferred_interrupt() -> Iterator[list]:
 
 
 def return_memory(devices: Iterable[str]) -> None:
-    """Give freed memory back where it was: PyTorch's cached CUDA blocks (only if CUDA is
-    already in use), and glibc's free lists, which otherwise keep a released CPU model's pages
-    in the process, so that the next `device_map="auto"` still sees them as used and offloads.
-    Each only for a device that had memory freed: trimming the C heap costs ~90 ms in a big
-    process and frees nothing for a model that was on the GPU."""
-    devices = set(devices)
+    """Give freed memory back: PyTorch's cached CUDA blocks (whenever CUDA is already in use:
+    cheap, and frames cleared beside the targets may have freed some), and glibc's free lists,
+    which otherwise keep a released CPU model's pages in the process, so that the next
+    `device_map="auto"` still sees them as used and offloads. The C heap only when cpu memory
+    was freed (`devices`): trimming costs ~90 ms in a big process and frees nothing for a
+    model that was on the GPU."""
     torch = loaded_torch()
-    if any(device.startswith("cuda") for device in devices) and torch is not None and torch.cuda.is_initialized():
+    if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-    if "cpu" in devices:
+    if "cpu" in set(devices):
         _trim_c_heap()
 
 
