@@ -1,7 +1,7 @@
 """Walking the user's object graph safely, with paths a user could type.
 
 One breadth-first walk from named roots (`model`, `results`, `Out[3]`), shortest path first,
-each object visited once. What an object holds, and where the walk stops, is shapes.py.
+each object visited once. What an object holds is contents.py; where the walk stops, shapes.py.
 
 Each root has its own budget of items read, so one huge container (a tokenized dataset of a
 million items) cannot hide what the names after it hold: its walk is cut, the cut is recorded
@@ -21,13 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
+from llm_magic.engine.contents import children, expand  # noqa: F401 - public here too
 from llm_magic.engine.shapes import (  # noqa: F401 - the walk's public names live here too
     ATOM,
     ATOMIC_TYPES,
     OPAQUE,
     OPAQUE_TYPES,
-    children,
-    expand,
     instance_dict,
     layout,
     safe_repr_key,
