@@ -45,26 +45,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 SIZES = dict(vocab_size=32_000, hidden_size=1024, intermediate_size=2880, num_attention_heads=16, num_key_value_heads=16)
 LAYERS = {"951": 14, "1300": 22}
 
-NAMES = """
-class Obj:
-    pass
-for index in range(10_000):
-    kind = index % 5
-    if kind == 0:
-        value = index
-    elif kind == 1:
-        value = f"text {index}"
-    elif kind == 2:
-        value = [index, index + 1, {"k": index}]
-    elif kind == 3:
-        value = {"a": [index], "b": (index,)}
-    else:
-        value = Obj()
-        value.payload = [index] * 3
-    globals()[f"var_{index}"] = value
-del index, kind, value
-"""
-TOKENS = "tokens = [[i % 50_000, (i * 7) % 50_000] for i in range(1_000_000)]\n"
+from busy_heap import NAMES, TOKENS  # noqa: E402 - benchmarks/ is on the path when run
+
 LOAD = "model = AutoModelForCausalLM.from_pretrained({path!r})\n"
 SETUP = "%load_ext llm_magic\nimport gc, json, time\nfrom transformers import AutoModelForCausalLM\n"
 HEAP = "print(json.dumps({'names': len(get_ipython().user_ns), 'tracked': len(gc.get_objects())}))"
