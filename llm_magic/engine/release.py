@@ -5,8 +5,9 @@ It knows nothing of IPython. Callers describe the world as plain objects:
 - `HiddenRef`: a place that may keep a copy alive behind the user's back (`Out[3]`, `_`, the
   last traceback), with the objects it holds and a way to clear it.
 The engine clears the target bindings and every hidden reference that reaches a target (and no
-other), collects garbage, and checks with weak references that each target is really gone. A
-survivor is reported with the paths that still hold it (`results[0].model`), never as freed.
+other), and checks with weak references that each target is really gone: one full collection
+first only if one is not (reference cycles), none when reference counting already freed them.
+A survivor is reported with the paths that still hold it (`results[0].model`), never as freed.
 """
 
 from __future__ import annotations
