@@ -18,13 +18,9 @@ from llm_magic.commands.cell_plan import (
     release_targets,
     run_body,
 )
-from llm_magic.commands.load_report import (
-    Holder,
-    LoadReport,
-    PredictedLoad,
-    SharedWeights,
-)
+from llm_magic.commands.load_report import LoadReport, PredictedLoad, SharedWeights
 from llm_magic.commands.tracebacks import without_own_frames
+from llm_magic.engine.holders import HolderRows, scan_holders
 from llm_magic.engine.paths import (
     TargetPath,
     Unresolvable,
@@ -34,12 +30,9 @@ from llm_magic.engine.paths import (
 from llm_magic.engine.release import ReleaseResult, Target, release
 from llm_magic.engine.tensors import (
     Footprint,
-    find_tensor_holders,
     footprint_of,
     holds_tensors,
-    is_module,
 )
-from llm_magic.engine.walk import type_name
 from llm_magic.ipython import shell_state
 from llm_magic.names import parse_dtype
 from llm_magic.units import format_by_device, format_bytes
@@ -144,17 +137,13 @@ def _kept_for_reads(shell, plan: BodyPlan) -> tuple[str, ...]:
     return tuple(kept)
 
 
-def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> tuple[Holder, ...]:
-    """Models (any size) and tensors (>= min_bytes) the user still has, other than `exclude`."""
-    excluded = {id(obj) for obj in exclude}
-    kept = []
-    for path, leaf in find_tensor_holders(shell_state.visible_names(shell)):
-        if id(leaf) in excluded:
-            continue
-        by_device = footprint_of(leaf).by_device()
-        if is_module(leaf) or sum(by_device.values()) >= min_bytes:
-            kept.append(Holder(path, type_name(leaf), by_device))
-    return tuple(kept)
+def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> HolderRows:
+    """Models (any size) and other holders (>= min_bytes in all) the user still has, other than
+    `exclude`. An object of many small tensors (a `generate` output with its cache) counts by
+    its total; storages shared with `exclude` count in no row. `.cut` names the roots whose
+    walk was cut (what they hold may be missing)."""
+    scan = scan_holders(shell_state.visible_names(shell), (), exclude=exclude)
+    return HolderRows.of((row for row in scan.rows if row.is_model or row.total >= min_bytes), scan.cut)
 
 
 class LoadCannotStart(ValueError):

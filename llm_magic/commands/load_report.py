@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_magic.engine.holders import HolderRow
 from llm_magic.engine.release import ReleaseResult
 
 
@@ -19,22 +20,6 @@ def _as_dict(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(key): _as_dict(item) for key, item in value.items()}
     return value
-
-
-@dataclass(frozen=True)
-class Holder:
-    """An object in the namespace that holds tensor memory (a kept model, a big tensor)."""
-
-    path: str
-    type_name: str
-    bytes_by_device: dict[str, int]
-
-    @property
-    def total(self) -> int:
-        return sum(self.bytes_by_device.values())
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "type": self.type_name, "bytes_by_device": dict(self.bytes_by_device)}
 
 
 @dataclass(frozen=True)
@@ -67,7 +52,7 @@ class LoadReport:
     kept_for_reads: tuple[str, ...] = ()  # targets not released: the body reads them before rebinding
     models: tuple = ()  # placement.ModelPlacement, one per model the body bound
     shared: tuple[SharedWeights, ...] = ()  # storage a model shares with one listed before it
-    kept: tuple[Holder, ...] = ()  # tensor holders still in the namespace, not replaced
+    kept: tuple[HolderRow, ...] = ()  # tensor holders still in the namespace (holders.HolderRows: with .cut)
     memory_before: Any = None  # devices.MemorySnapshot
     memory_after: Any = None
     predictions: tuple[PredictedLoad, ...] = ()  # one per model load call, made before the release
@@ -85,6 +70,7 @@ class LoadReport:
             "models": _as_dict(self.models),
             "shared": _as_dict(self.shared),
             "kept": _as_dict(self.kept),
+            "kept_cut": list(getattr(self.kept, "cut", ())),  # names whose walk was cut
             "memory_before": _as_dict(self.memory_before),
             "memory_after": _as_dict(self.memory_after),
             "predictions": _as_dict(self.predictions),

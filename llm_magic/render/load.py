@@ -45,16 +45,23 @@ def memory_table(before, after) -> Table | None:
     return table
 
 
-def kept_table(kept: Iterable) -> Table | None:
+def kept_table(kept: Iterable) -> Table | Group | Text | None:
+    cut = getattr(kept, "cut", ())
     kept = list(kept)
+    # A line of its own, not the caption: the table is narrow and would wrap it.
+    cut_note = Text(
+        f"Still loaded: the search stopped early in {', '.join(cut[:3])} (too many objects): "
+        "models inside may be missing — %gpustate --deep searches everything",
+        style=WARN,
+    )
     if not kept:
-        return None
+        return cut_note if cut else None
     table = new_table("Still loaded (kept: not replaced by this cell)", ("name", "left"), ("type", "left"), ("memory", "right"))
     for holder in kept:
         table.add_row(holder.path, holder.type_name.rsplit(".", 1)[-1], format_by_device(holder.bytes_by_device))
     table.caption = "free them with %llmfree NAME ..., or reload with %%llmload --release-all"
     table.caption_justify = "left"
-    return table
+    return Group(table, cut_note) if cut else table
 
 
 def prediction_table(item) -> Table | Text:
