@@ -108,7 +108,7 @@ def callback_alone(shell, watcher, cells: int) -> list[float]:
     """Seconds in the watcher's own callback after run_cell('x = 1')."""
     times = []
     watcher.start()
-    callback = watcher.post_run_cell
+    callback = watcher._on_event
 
     def timed(result):
         started = time.perf_counter()
@@ -130,7 +130,7 @@ def callback_alone(shell, watcher, cells: int) -> list[float]:
 
 def costly_paths(shell, cells: int) -> dict[str, list[float]]:
     """Seconds of run_cell for the cells that do run the holder scan (watching "cpu" memory)."""
-    from llm_magic.commands.watch import Watcher
+    from llm_magic.ipython.hooks import Watcher
 
     watcher = Watcher(shell, stale_device=lambda device: device == "cpu", show=lambda line: None)
     watcher.start()
@@ -170,7 +170,7 @@ def main() -> None:
     import transformers
     from IPython.utils.capture import capture_output
 
-    from llm_magic.commands.watch import Watcher
+    from llm_magic.ipython.hooks import Watcher
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:

@@ -15,7 +15,8 @@ import sys
 import pytest
 from IPython.utils.capture import capture_output
 
-from llm_magic.commands.oom import OOMRescue, find_oom, parse_oom_message
+from llm_magic.commands.oom_errors import find_oom, parse_oom_message
+from llm_magic.ipython.hooks import OOMRescue
 from llm_magic.ipython.shell_state import clear_exception_state
 
 GIB = 1 << 30
@@ -337,7 +338,7 @@ def test_modules_never_pass_trust_remote_code():
 def test_importing_the_modules_does_not_import_torch():
     import subprocess
 
-    code = "import sys, llm_magic.commands.oom, llm_magic.commands.oom_errors, llm_magic.render.oom, llm_magic.commands.watch; print('torch' in sys.modules)"
+    code = "import sys, llm_magic.commands.oom, llm_magic.commands.oom_errors, llm_magic.render.oom, llm_magic.commands.watch, llm_magic.ipython.hooks; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 

@@ -12,7 +12,8 @@ import gc
 import pytest
 from IPython.utils.capture import capture_output
 
-from llm_magic.commands.watch import Watcher, is_accelerator
+from llm_magic.ipython.hooks import Watcher
+from llm_magic.names import is_accelerator
 
 TENSOR = "torch.ones(1_234_567)"  # 4.71 MiB of float32: above the 1 MiB warning threshold
 SIZE = "4.71 MiB"
@@ -189,7 +190,7 @@ def test_dropped_model_in_a_reference_cycle_is_garbage_not_a_copy(shell, lines, 
 
 def test_default_watches_accelerators_only(shell, lines):
     watcher = watcher_for(shell, lines)
-    assert watcher.stale_device is is_accelerator
+    assert watcher.watch.stale_device is is_accelerator
     run(shell, f"import torch\nt = {TENSOR}\nt")
     run(shell, "del t")
     assert lines == [] and watcher.scans == 0  # no accelerator in use: no scan at all
@@ -228,7 +229,7 @@ def test_without_torch_nothing_runs(shell, lines):
 
     code = (
         "from IPython.core.interactiveshell import InteractiveShell\n"
-        "from llm_magic.commands.watch import Watcher\n"
+        "from llm_magic.ipython.hooks import Watcher\n"
         "ip = InteractiveShell.instance(); lines = []\n"
         "w = Watcher(ip, show=lines.append); w.start()\n"
         "ip.run_cell('x = 1'); ip.run_cell('x'); ip.run_cell('del x')\n"

@@ -19,7 +19,7 @@ from llm_magic.commands.cell_plan import (
     run_body,
 )
 from llm_magic.commands.load_report import LoadReport, PredictedLoad, SharedWeights
-from llm_magic.commands.tracebacks import without_own_frames
+from llm_magic.engine.exceptions import without_own_frames
 from llm_magic.engine.holders import HolderRows, scan_holders
 from llm_magic.engine.paths import (
     TargetPath,
@@ -164,7 +164,7 @@ def _failure(exc: BaseException, plan: BodyPlan) -> tuple[BaseException, str | N
 
     A load that failed inside transformers keeps only the user's frames and the one that raised.
     """
-    from llm_magic.commands.tracebacks import user_frames_and_raiser
+    from llm_magic.engine.exceptions import user_frames_and_raiser
     from llm_magic.predict.failures import explain_load_failure
 
     ids = {call.model_id.value for call in plan.load_calls if call.model_id.known and isinstance(call.model_id.value, str)}

@@ -20,15 +20,13 @@ torch is never imported here: an OOM from torch means torch is already loaded.
 
 from __future__ import annotations
 
-import sys
 import types
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from llm_magic.commands.oom_errors import (
     OOMMessage,
     error_message,
-    exception_chain,
     find_oom,
     first_line,
     parse_oom_message,
@@ -37,9 +35,9 @@ from llm_magic.engine.holders import HIDDEN, NAMED, UNNAMED, HolderRow, scan_hol
 from llm_magic.engine.release import HiddenRef, Target, release
 from llm_magic.engine.tensors import Footprint, find_tensor_holders, loaded_torch
 from llm_magic.engine.walk import WalkStats, instance_dict
-from llm_magic.ipython.hooks import CellHook
 from llm_magic.ipython.shell_state import (
     clear_traceback_frames,
+    failing_tracebacks,
     frame_roots,
     hidden_refs,
     naming_roots,
@@ -55,21 +53,6 @@ MAX_MODELS = 3  # models given a generation-headroom line
 
 
 # -- releasing the failing traceback's frames ----------------------------------------------
-
-
-def _tracebacks(shell, error: BaseException) -> list[types.TracebackType]:
-    """The failing cell's tracebacks: its exception chain's, and the same in sys and IPython."""
-    chain = exception_chain(error)
-    found = [exc.__traceback__ for exc in chain]
-    # IPython stored this cell's error there; anything else there is not ours to clear.
-    if any(getattr(sys, "last_value", None) is exc for exc in chain):
-        found.append(getattr(sys, "last_traceback", None))
-    found.append(getattr(getattr(shell, "InteractiveTB", None), "tb", None))
-    unique: list[types.TracebackType] = []
-    for tb in found:
-        if isinstance(tb, types.TracebackType) and all(tb is not seen for seen in unique):
-            unique.append(tb)
-    return unique
 
 
 @dataclass(frozen=True)
@@ -110,7 +93,7 @@ def _frame_only_targets(shell, tracebacks: list[types.TracebackType]) -> list:
 
 def release_frames(shell, error: BaseException) -> FrameRelease:
     """Clear the failing traceback's frames, collect, empty the CUDA cache; prove what went."""
-    tracebacks = _tracebacks(shell, error)
+    tracebacks = failing_tracebacks(shell, error)
     cleared: list[int] = []
     frames = HiddenRef(
         "the failing traceback's frames",
@@ -258,30 +241,3 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
 
 
 # -- the IPython hook -------------------------------------------------------------------------
-
-
-class OOMRescue(CellHook):
-    """A `post_run_cell` callback that rescues and explains cells that died of an OOM.
-
-    `enabled` is asked after every failed cell (the `LLMMagic.oom_rescue` setting), so turning
-    it off needs no re-registration. `show` displays the renderable (default: render.show).
-    """
-
-    event = "post_run_cell"
-    label = "the out-of-memory rescue"
-
-    def __init__(self, shell, enabled: Callable[[], bool] = lambda: True, *, show: Callable[[Any], None] | None = None) -> None:
-        super().__init__(shell)
-        self.enabled = enabled
-        self._show = show
-        self.last_explanation: OOMExplanation | None = None  # plain data: holds no tensor
-
-    def handle(self, result) -> None:
-        error = getattr(result, "error_in_exec", None)
-        if error is None or not self.enabled() or find_oom(error) is None:
-            return
-        from llm_magic.render.core import show
-        from llm_magic.render.oom import render_oom
-
-        self.last_explanation = rescue(self.shell, error)
-        (self._show or show)(render_oom(self.last_explanation))

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from llm_magic.engine.exceptions import exception_chain
 from llm_magic.engine.tensors import loaded_torch
 
 # What PyTorch's allocators (and the libraries they call) write when they run out, at the
@@ -22,18 +23,6 @@ _ALLOCATOR_MESSAGES = re.compile(
     r"|DefaultCPUAllocator: (?:can't allocate memory|not enough memory)"
     r"|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED",
 )
-
-
-def exception_chain(error: BaseException | None) -> list[BaseException]:
-    """The error, then its causes and contexts (an OOM re-raised as another error counts)."""
-    chain: list[BaseException] = []
-    pending = [error]
-    while pending:
-        exc = pending.pop(0)
-        if isinstance(exc, BaseException) and all(exc is not seen for seen in chain):
-            chain.append(exc)
-            pending += [exc.__cause__, exc.__context__]
-    return chain
 
 
 def _oom_types(torch: Any) -> tuple[type, ...]:

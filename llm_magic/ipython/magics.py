@@ -51,9 +51,7 @@ class LLMMagic(Magics):
 
         require_shell(shell)
         super().__init__(shell=shell, **kwargs)
-        from llm_magic.commands.oom import OOMRescue
-        from llm_magic.commands.watch import Watcher
-        from llm_magic.ipython.guard_hooks import Guard
+        from llm_magic.ipython.hooks import Guard, OOMRescue, Watcher
 
         self.oom = OOMRescue(shell, enabled=lambda: self.oom_rescue)
         self.watcher = Watcher(shell)

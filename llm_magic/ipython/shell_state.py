@@ -19,6 +19,7 @@ import types
 from itertools import chain
 from typing import Any, Iterable, Iterator
 
+from llm_magic.engine.exceptions import exception_chain
 from llm_magic.engine.release import HiddenRef
 
 _OUTPUT_NAME = re.compile(r"_\d+|_{1,3}")
@@ -233,3 +234,61 @@ def naming_roots(shell) -> Iterable[tuple[str, Any]]:
             yield from ref.roots()
         except Exception:
             continue
+
+
+# -- what changed after a cell (watch mode) ---------------------------------------------------
+
+
+def is_user_binding(shell, name: Any, value: Any) -> bool:
+    """Is `name` (bound to `value` in user_ns) one of the user's own, not IPython's?"""
+    if type(name) is not str or is_shell_name(name):
+        return False
+    hidden = shell.user_ns_hidden
+    return not (name in hidden and hidden[name] is value)
+
+
+def output_history(shell) -> dict:
+    """`Out`: output number -> value (empty when the shell keeps no history)."""
+    manager = getattr(shell, "history_manager", None)
+    return manager.output_hist if manager is not None else {}
+
+
+def output_signature(shell) -> tuple:
+    """(count, last number) of the output history: different after a cell that added outputs."""
+    history = output_history(shell)
+    return (len(history), next(reversed(history), None) if history else None)
+
+
+def outputs_since(shell, signature: tuple) -> list[Any]:
+    """The values of outputs added since `signature` (newest first)."""
+    if output_signature(shell) == signature:
+        return []
+    history = output_history(shell)
+    last_before = signature[1]
+    found = []
+    for key in reversed(list(history)):
+        if last_before is not None and key <= last_before:
+            break
+        found.append(history[key])
+    return found
+
+
+def last_exception(shell, result: Any = None) -> BaseException | None:
+    """The exception of the cell that just ran (`result`), else the one sys keeps."""
+    error = getattr(result, "error_in_exec", None)
+    return error if error is not None else getattr(sys, "last_value", None)
+
+
+def failing_tracebacks(shell, error: BaseException) -> list[types.TracebackType]:
+    """The tracebacks of the cell that failed with `error`: its exception chain's, and the same
+    traceback where sys and IPython keep it (only when they keep this very error)."""
+    chain = exception_chain(error)
+    found = [exc.__traceback__ for exc in chain]
+    if any(getattr(sys, "last_value", None) is exc for exc in chain):
+        found.append(getattr(sys, "last_traceback", None))
+    found.append(getattr(getattr(shell, "InteractiveTB", None), "tb", None))
+    unique: list[types.TracebackType] = []
+    for tb in found:
+        if isinstance(tb, types.TracebackType) and all(tb is not seen for seen in unique):
+            unique.append(tb)
+    return unique

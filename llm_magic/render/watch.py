@@ -2,7 +2,33 @@
 
 from __future__ import annotations
 
-from llm_magic.units import format_bytes
+from llm_magic.units import format_by_device, format_bytes
+
+FIX_HIDDEN = "%llmfree --hidden"
+
+
+def watch_line(event) -> str:
+    """The line of one watch-mode event (commands/watch.py: ModelPlaced or StaleCopy)."""
+    from llm_magic.commands.watch import ModelPlaced
+
+    if isinstance(event, ModelPlaced):
+        return placement_line(event.placement, event.accelerator_present)
+    return stale_warning(event)
+
+
+def stale_warning(copy) -> str:
+    from llm_magic.engine.holders import HIDDEN
+
+    if copy.kind == HIDDEN:
+        return (
+            f"⚠ {format_by_device(copy.bytes_by_device)} held only by {copy.path} ({copy.type_name}), "
+            f"which no name of yours reaches. Free it with {FIX_HIDDEN}"
+        )
+    return (
+        f"⚠ {format_by_device(copy.bytes_by_device)} held by {copy.path}, which no name, output or traceback reaches "
+        "(and gc.collect() did not free): a closure, a hook or another module keeps it. "
+        "Drop that reference, or restart the kernel"
+    )
 
 
 def placement_line(placement, accelerator_present: bool) -> str:
@@ -25,8 +51,6 @@ def guard_release_lines(event) -> list[str]:
     "released `model` (13.2 GiB cuda:0; also in Out[3], last traceback) before this cell loads a
     new one — `%llmguard off` to stop".
     """
-    from llm_magic.units import format_by_device
-
     lines = [f"guard: kept `{name}`: the cell reads it before rebinding it" for name in event.kept_for_reads]
     lines += [f"guard: released nothing: {reason}" for reason in event.blocked]
     for item in event.released.released if event.released is not None else ():

@@ -1,4 +1,4 @@
-"""Tracebacks of a cell's body as the user needs them: their code, not our machinery.
+"""Exceptions and their tracebacks: the chain of causes, and tracebacks as the user needs them.
 
 A body that fails is re-raised by the magic with its own frames (the orchestration in
 llm_magic) cut off the front, so the traceback starts at the user's code. A load that fails
@@ -47,3 +47,15 @@ def user_frames_and_raiser(error: BaseException) -> BaseException:
     for entry in reversed(kept):
         rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
     return error.with_traceback(rebuilt)
+
+
+def exception_chain(error: BaseException | None) -> list[BaseException]:
+    """The error, then its causes and contexts (an OOM re-raised as another error counts)."""
+    chain: list[BaseException] = []
+    pending = [error]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseException) and all(exc is not seen for seen in chain):
+            chain.append(exc)
+            pending += [exc.__cause__, exc.__context__]
+    return chain
