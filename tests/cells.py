@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import re
+
 from IPython.utils.capture import capture_output
 
 LOAD = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(MODEL_NAME)\n"
 
 
-def run(shell, code):
-    """Run a cell with history (output cache, tracebacks); fail on a syntax error. -> (result, captured)."""
+def run(shell, code, *, fails: bool | None = None):
+    """Run a cell with history (output cache, tracebacks); fail on a syntax error. -> (result, captured).
+
+    fails: assert that the cell raised (True) or did not (False); None: either is fine.
+    """
     with capture_output() as captured:
         result = shell.run_cell(code, store_history=True)
     assert result.error_before_exec is None, captured.stdout + captured.stderr
+    if fails is not None:
+        assert (result.error_in_exec is not None) == fails, (captured.stdout + captured.stderr)[-2000:]
     return result, captured
+
+
+def run_text(shell, code):
+    """Run a cell; (result, its output without colour codes, whitespace runs as one space: rich
+    wraps at the terminal's width)."""
+    result, captured = run(shell, code)
+    output = re.sub(r"\x1b\[[0-9;]*m", "", captured.stdout + captured.stderr)
+    return result, " ".join(output.split())
 
 
 def ok(shell, code):

@@ -7,13 +7,8 @@ import json
 import weakref
 
 import pytest
+from cells import run
 from IPython.utils.capture import capture_output
-
-
-def run(shell, code):
-    with capture_output() as captured:
-        result = shell.run_cell(code, store_history=True)
-    return result, captured
 
 
 def gpustate(shell, line="--all"):

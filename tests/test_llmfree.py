@@ -6,14 +6,8 @@ import gc
 import weakref
 
 import pytest
+from cells import run
 from IPython.utils.capture import capture_output
-
-
-def run(shell, code):
-    with capture_output() as captured:
-        result = shell.run_cell(code, store_history=True)
-    assert result.error_before_exec is None
-    return result, captured
 
 
 def make_model(shell, path, name="model"):

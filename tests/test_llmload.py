@@ -10,6 +10,7 @@ import sys
 import weakref
 
 import pytest
+from cells import run
 from IPython.utils.capture import capture_output
 
 LOAD = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(MODEL_NAME)\n"
@@ -22,11 +23,6 @@ def load(shell, path, body=LOAD, options=""):
         result = shell.run_cell(f"%%llmload $_test_path {options}\n{body}", store_history=True)
     return result, captured
 
-
-def run(shell, code):
-    with capture_output() as captured:
-        result = shell.run_cell(code, store_history=True)
-    return result, captured
 
 
 def old_model_ref(shell, name="model"):

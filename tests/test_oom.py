@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import gc
 import pathlib
-import re
 import sys
 
 import pytest
+from cells import run_text
 from IPython.utils.capture import capture_output
 
 from llm_magic.commands.oom_errors import find_oom, parse_oom_message
@@ -89,17 +89,10 @@ def rescue(bare_shell):
     handler.unregister()
 
 
-def run(shell, code):
-    """Run a cell; its output without colour codes, whitespace runs (rich's wrapping) as one space."""
-    with capture_output() as captured:
-        result = shell.run_cell(code, store_history=True)
-    output = re.sub(r"\x1b\[[0-9;]*m", "", captured.stdout + captured.stderr)
-    return result, " ".join(output.split())
-
 
 def setup(shell, code):
     """Run a cell that must succeed (definitions, loads)."""
-    result, output = run(shell, code)
+    result, output = run_text(shell, code)
     assert result.success, output[-2000:]
 
 
@@ -110,7 +103,7 @@ def fail_in_step(shell, error_code: str, *, native: bool = False):
     """
     setup(shell, FAILING_STEP_NATIVE if native else FAILING_STEP)
     shell.user_ns["OOM_TEXT"] = OOM_TEXT
-    result, output = run(shell, f"step({error_code})")
+    result, output = run_text(shell, f"step({error_code})")
     gc.collect()
     return result, output, shell.user_ns["probe"][0]
 
@@ -170,7 +163,7 @@ def test_oom_in_the_cause_chain_triggers(bare_shell, rescue):
         "    except RuntimeError as e:\n"
         "        raise ValueError('generation failed') from e\n"
     ))
-    result, output = run(bare_shell, "wrap()")
+    result, output = run_text(bare_shell, "wrap()")
     gc.collect()
     assert type(result.error_in_exec) is ValueError
     assert bare_shell.user_ns["probe"][0]() is None
@@ -187,7 +180,7 @@ def test_other_errors_are_left_alone(bare_shell, rescue, error_code):
 def test_oom_caught_inside_the_cell_gets_no_explanation(bare_shell, rescue):
     setup(bare_shell, FAILING_STEP)
     bare_shell.user_ns["OOM_TEXT"] = OOM_TEXT
-    result, output = run(
+    result, output = run_text(
         bare_shell, "try:\n    step(torch.OutOfMemoryError(OOM_TEXT))\nexcept torch.OutOfMemoryError:\n    handled = True"
     )
     assert result.success and bare_shell.user_ns["handled"] is True
@@ -210,7 +203,7 @@ def test_copy_also_held_elsewhere_is_reported_not_freed(bare_shell, rescue):
         "kept = []\n"
     ))
     bare_shell.user_ns["OOM_TEXT"] = OOM_TEXT
-    result, output = run(bare_shell, "step2(torch.OutOfMemoryError(OOM_TEXT))")
+    result, output = run_text(bare_shell, "step2(torch.OutOfMemoryError(OOM_TEXT))")
     assert bare_shell.user_ns["kept"][0].numel() == 1_000_000  # the user's list is untouched
     # `x` shares its storage with `kept[0]`, which the user names: not claimed by the frame.
     assert rescue.last_explanation.released.freed == ()
@@ -394,7 +387,7 @@ def test_real_cuda_oom_gives_the_frames_memory_back(bare_shell, rescue):
         "    total = torch.cuda.get_device_properties(0).total_memory\n"
         "    return torch.empty(2 * total, dtype=torch.uint8, device='cuda')\n"
     ))
-    result, output = run(bare_shell, "step()")
+    result, output = run_text(bare_shell, "step()")
     assert type(result.error_in_exec) is torch.OutOfMemoryError
     assert torch.cuda.memory_allocated() == baseline
     explanation = rescue.last_explanation

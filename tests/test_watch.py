@@ -7,13 +7,17 @@ stay silent, and not even scan, on this machine.
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import pytest
-from IPython.utils.capture import capture_output
+from cells import run as run_cell
 
 from llm_magic.ipython.hooks import Watcher
 from llm_magic.names import is_accelerator
+
+# Every cell here must succeed unless the test says `fails=True`.
+run = functools.partial(run_cell, fails=False)
 
 TENSOR = "torch.ones(1_234_567)"  # 4.71 MiB of float32: above the 1 MiB warning threshold
 SIZE = "4.71 MiB"
@@ -43,13 +47,6 @@ def cpu_watcher(shell, lines):
     yield watcher
     watcher.stop()
 
-
-def run(shell, code, *, fails=False):
-    with capture_output() as captured:
-        result = shell.run_cell(code, store_history=True)
-    assert result.error_before_exec is None
-    assert (result.error_in_exec is not None) == fails, captured.stdout[-2000:]
-    return result, captured.stdout
 
 
 def load(shell, path, name="model"):
@@ -107,7 +104,7 @@ def test_cells_not_touching_models_print_nothing_and_do_not_scan(shell, lines, c
     lines.clear()
     scans = cpu_watcher.scans
     for cell in ("x = 1", "y = [1, 2, 3]\ny", "def f():\n    return 1\nf()", "import math\nmath.pi", "z = {'a': 1}"):
-        _, output = run(shell, cell)
+        output = run(shell, cell)[1].stdout
         assert "⚠" not in output
     run(shell, "1 / 0", fails=True)  # an error whose frames hold no tensor
     assert lines == []
@@ -265,14 +262,14 @@ except Exception:
 def test_llmwatch_magic_on_off_and_unload(shell, tiny_model):
     run(shell, "%llmguard off")  # guard mode prints the same placement line when watch is off
     callbacks = list(shell.events.callbacks["post_run_cell"])
-    _, output = run(shell, "%llmwatch on")
+    output = run(shell, "%llmwatch on")[1].stdout
     assert "on" in output and len(shell.events.callbacks["post_run_cell"]) == len(callbacks) + 1
     load(shell, tiny_model)
-    _, output = run(shell, "model = AutoModelForCausalLM.from_pretrained(_test_path)")
+    output = run(shell, "model = AutoModelForCausalLM.from_pretrained(_test_path)")[1].stdout
     assert output.count("model (LlamaForCausalLM, ") == 1
-    _, output = run(shell, "%llmwatch off")
+    output = run(shell, "%llmwatch off")[1].stdout
     assert shell.events.callbacks["post_run_cell"] == callbacks
-    _, output = run(shell, "model = AutoModelForCausalLM.from_pretrained(_test_path)")
+    output = run(shell, "model = AutoModelForCausalLM.from_pretrained(_test_path)")[1].stdout
     assert "LlamaForCausalLM" not in output
     run(shell, "%llmwatch on")
     shell.run_line_magic("unload_ext", "llm_magic")  # stops watching too
