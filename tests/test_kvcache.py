@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import transformers
+from support.tinymodels import tiny_config
+from transformers import AutoConfig, AutoModelForCausalLM
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from support.tinymodels import tiny_config  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
-
-from llm_magic.measure.kvcache import (  # noqa: E402
+from llm_magic.measure.kvcache import (
     FULL,
     NONE,
     SLIDING,

@@ -335,18 +335,9 @@ def test_importing_the_modules_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
-# -- wired into the extension (needs LLMMagic.oom_rescue and load/unload calling OOMRescue) ---
-
-try:
-    from llm_magic.ipython.magics import LLMMagic
-
-    _WIRED = LLMMagic.class_traits().get("oom_rescue") is not None
-except Exception:
-    _WIRED = False
-needs_wiring = pytest.mark.skipif(not _WIRED, reason="LLMMagic.oom_rescue not wired yet (lead)")
+# -- wired into the extension (LLMMagic.oom_rescue; load/unload register the rescue) ----------
 
 
-@needs_wiring
 def test_extension_rescues_by_default_and_config_turns_it_off(shell):
     result, output, probe = fail_in_step(shell, "torch.OutOfMemoryError(OOM_TEXT)")
     assert probe() is None and HEADING in output
@@ -357,7 +348,6 @@ def test_extension_rescues_by_default_and_config_turns_it_off(shell):
     clear_exception_state(shell)  # the 50 MB the unrescued traceback holds: not for later tests
 
 
-@needs_wiring
 def test_unload_restores_post_run_cell_callbacks(shell):
     shell.run_line_magic("unload_ext", "llm_magic")
     before = list(shell.events.callbacks["post_run_cell"])

@@ -248,17 +248,9 @@ def test_watch_keeps_no_model_alive(shell, lines, tiny_model):
     watcher.stop()
 
 
-# -- wired into the extension (needs the %llmwatch magic: lead) --------------------------------
-
-try:
-    from llm_magic.ipython.magics import LLMMagic
-
-    _WIRED = "llmwatch" in LLMMagic.magics["line"]
-except Exception:
-    _WIRED = False
+# -- wired into the extension: the %llmwatch magic -------------------------------------------
 
 
-@pytest.mark.skipif(not _WIRED, reason="%llmwatch not wired yet (lead)")
 def test_llmwatch_magic_on_off_and_unload(shell, tiny_model):
     run(shell, "%llmguard off")  # guard mode prints the same placement line when watch is off
     callbacks = list(shell.events.callbacks["post_run_cell"])
