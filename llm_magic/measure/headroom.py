@@ -108,14 +108,14 @@ def generation_headroom(model: Any, name: str, snapshot: MemorySnapshot, *, batc
         raise ValueError(f"batch must be >= 1, not {batch}")
     batches = (1,) if batch == 1 else (1, batch)
     notes: list[str] = []
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     profile = _profile(model, dtype, notes)
     dtype_name = profile.dtype if profile is not None else (None if dtype is None else str(dtype).removeprefix("torch."))
     growing = [layer for layer in profile.layers if layer.kind != NONE] if profile is not None else []
     if profile is not None and profile.layers and not growing:
         # Recurrent layers only (mamba...): a fixed state per sequence, nothing per token.
         notes.extend(profile.notes)
-        return Headroom(name, _model_device(model), dtype_name, 0, 0, (), batch,
+        return Headroom(name, model_device(model), dtype_name, 0, 0, (), batch,
                         tuple(Fit(b, None, unlimited=True) for b in batches),
                         "no per-token KV cache: no token limit", tuple(notes))
     if profile is None or not any(layer.bytes_per_token for layer in growing):
@@ -163,7 +163,7 @@ def generation_headroom(model: Any, name: str, snapshot: MemorySnapshot, *, batc
 # --------------------------------------------------------------------------- the model
 
 
-def _model_dtype(model: Any):
+def model_dtype(model: Any):
     """The dtype activations (and so the cache) take: `model.dtype`, else the first float parameter's."""
     dtype = getattr(model, "dtype", None)
     if dtype is not None and getattr(dtype, "is_floating_point", False):
@@ -195,15 +195,15 @@ def _profile(model: Any, dtype: Any, notes: list[str]) -> KVProfile | None:
 
 def _layer_devices(model: Any, count: int, indices: list[int], notes: list[str]) -> list[str | None]:
     """The execution device of each decoder layer in `indices` (of `count`), or the model's device for all."""
-    layers = _decoder_layers(model, count)
+    layers = decoder_layers(model, count)
     if layers is not None:
-        return [_execution_device(layers[index]) for index in indices]
-    device = _model_device(model)
+        return [execution_device(layers[index]) for index in indices]
+    device = model_device(model)
     notes.append(f"decoder layers not found among the modules: the whole cache counted on {device or 'an unknown device'}")
     return [device] * len(indices)
 
 
-def _decoder_layers(model: Any, count: int):
+def decoder_layers(model: Any, count: int):
     """The module list of the text decoder's `count` layers: the first such list outside vision/audio towers."""
     named = getattr(model, "named_modules", None)
     if not callable(named):
@@ -215,7 +215,7 @@ def _decoder_layers(model: Any, count: int):
     return None
 
 
-def _model_device(model: Any) -> str | None:
+def model_device(model: Any) -> str | None:
     """Where the model computes: its input embedding's execution device, else the model's."""
     getter = getattr(model, "get_input_embeddings", None)
     if callable(getter):
@@ -224,27 +224,34 @@ def _model_device(model: Any) -> str | None:
         except Exception:  # noqa: BLE001 - not every model implements it
             embedding = None
         if embedding is not None:
-            device = _execution_device(embedding)
+            device = execution_device(embedding)
             if device is not None:
                 return device
-    return _execution_device(model) if hasattr(model, "modules") else None
+    return execution_device(model) if hasattr(model, "modules") else None
 
 
-def _execution_device(module: Any) -> str | None:
-    """The accelerate hook's execution device on `module` or inside it, else where its first real tensor is."""
+def accelerate_hooks(module: Any):
+    """accelerate's hooks on `module` and inside it (a SequentialHook chains several)."""
     for sub in module.modules():
         hook = getattr(sub, "_hf_hook", None)
-        for candidate in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook chains several
-            device = getattr(candidate, "execution_device", None)
-            if device is not None:
-                return _device_name(device)
+        for candidate in getattr(hook, "hooks", None) or (hook,):
+            if candidate is not None:
+                yield candidate
+
+
+def execution_device(module: Any) -> str | None:
+    """The accelerate hook's execution device on `module` or inside it, else where its first real tensor is."""
+    for hook in accelerate_hooks(module):
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return device_name(device)
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
-            return _device_name(tensor.device)
+            return device_name(tensor.device)
     return None
 
 
-def _device_name(device: Any) -> str:
+def device_name(device: Any) -> str:
     """0, "cuda", torch.device("cuda", 1) as "cuda:0" / "cuda:1"; "cpu" as is."""
     if isinstance(device, int):
         return f"cuda:{device}"
