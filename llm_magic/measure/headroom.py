@@ -9,7 +9,9 @@ float32, and its cache is float32 too); the free memory is a `devices.MemorySnap
 free plus PyTorch's unused cache on a GPU, available RAM on the cpu.
 
 Pure: no IPython; torch is reached only through the model given. Activations and allocator
-slack are not counted: the figures are upper bounds on the cache alone.
+slack are not counted: the figures are upper bounds on the cache alone, a fact about the cache
+and not a promise. The line users see (`generation`, filled by predict/gen_headroom.py) is the
+simulated peak of a whole `generate` call, activations included, capped at the context window.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Headroom:
     fits: tuple[Fit, ...]  # whole model: batch 1, then `batch` (the device that fills first decides)
     summary: str
     notes: tuple[str, ...] = ()
+    generation: Any = None  # predict.gen_headroom.GenerationHeadroom: what one generate call can take
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,10 +95,20 @@ class Headroom:
             "fits": [fit.to_dict() for fit in self.fits],
             "summary": self.summary,
             "notes": list(self.notes),
+            "generation": None if self.generation is None else self.generation.to_dict(),
         }
 
     def __str__(self) -> str:
         return self.summary
+
+    @property
+    def line(self) -> str:
+        """What users see: the generation line, else the cache's cost per token (no token count:
+        the cache alone says nothing about what fits)."""
+        if self.generation is not None:
+            return self.generation.line
+        cost = f"{format_bytes(self.bytes_per_token)} per token" if self.bytes_per_token else "unknown"
+        return f"Generation headroom of {self.name}: unknown; KV cache {cost}"
 
 
 def generation_headroom(model: Any, name: str, snapshot: MemorySnapshot, *, batch: int = 1) -> Headroom:

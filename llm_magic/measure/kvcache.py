@@ -176,6 +176,11 @@ def decoder_layer_types(config: Any) -> list[str]:
     return _layer_types(text, int(count), model_type, []) if count else []
 
 
+def has_sliding_layers(config: Any) -> bool:
+    """Do some decoder layers keep only a window (or chunk) of the cache?"""
+    return any(kind in _SLIDING_TYPES or _HYBRID_TYPES.get(kind) == SLIDING for kind in decoder_layer_types(config))
+
+
 def resolve_dtype(dtype: Any, config: Any = None) -> tuple[str, int, str | None]:
     """(name, bytes per element, note) for a torch dtype, its name, or "auto" (the config's)."""
     import torch

@@ -38,11 +38,20 @@ def fake_mode():
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def _tensors(tree: Any) -> list:
+def _tensors(tree: Any, found: list | None = None) -> list:
+    """The tensors in nested tuples, lists and dicts (operator arguments and results)."""
     import torch
-    from torch.utils._pytree import tree_flatten
 
-    return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
+    found = [] if found is None else found
+    if isinstance(tree, torch.Tensor):
+        found.append(tree)
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            _tensors(item, found)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            _tensors(item, found)
+    return found
 
 
 def _storage(tensor: Any):
@@ -204,9 +213,11 @@ def _real():
 
 
 def _is_fake(tensor: Any) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
+    if "fake" not in _CLASSES:
+        from torch._subclasses.fake_tensor import FakeTensor
 
-    return isinstance(tensor, FakeTensor)
+        _CLASSES["fake"] = FakeTensor
+    return isinstance(tensor, _CLASSES["fake"])
 
 
 def fake_like(tensor: Any, dtype: Any = None):

@@ -24,7 +24,11 @@ from llm_magic.measure.headroom import (
     model_device,
     model_dtype,
 )
-from llm_magic.measure.kvcache import decoder_layer_types, text_config
+from llm_magic.measure.kvcache import (
+    decoder_layer_types,
+    has_sliding_layers,
+    text_config,
+)
 
 # Attention implementations simulated as they are; the others run as sdpa, whose memory (output
 # and log-sum-exp, no score matrix) is what the fused kernels (flash attention 2/3) hold too.
@@ -51,6 +55,7 @@ class GenLayout:
     context_window: int | None
     param_dtypes: dict[str, Any] = field(default_factory=dict)  # qualified name -> dtype
     generation_config: Any = None  # the model's: cache implementation, sampling
+    sliding: bool = False  # some layers keep a window (or chunk) of the cache, not all of it
     notes: tuple[str, ...] = ()
 
     @property
@@ -173,6 +178,7 @@ def _layout(model, layers, path, devices, streamed, main, head, weights) -> GenL
         context_window=context_window(config),
         param_dtypes={name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())},
         generation_config=getattr(model, "generation_config", None),
+        sliding=has_sliding_layers(config),
         notes=tuple(notes),
     )
 

@@ -97,6 +97,7 @@ class Simulator:
         self.replica, self.layers, self.picks = build_replica(layout)
         self._position = {pick: position for position, pick in enumerate(self.picks)}
         self._steps: dict[tuple, StepTrace] = {}
+        self.runs = 0  # fake generate calls so far
 
     def trace_index(self, layer: int) -> int:
         """Which replica layer stands for real layer `layer`: itself if there, else the last of its kind."""
@@ -105,21 +106,22 @@ class Simulator:
         kinds = self.layout.layer_kinds
         return max(position for position, pick in enumerate(self.picks) if kinds[pick] == kinds[layer])
 
-    def prefill(self, batch: int, tokens: int, padded: bool) -> tuple[StepTrace, StepTrace]:
-        """The prefill of `tokens` tokens, and the first decoding step after it."""
-        key = ("prefill", batch, tokens, padded)
+    def prefill(self, batch: int, tokens: int, padded: bool, *, first_step: bool) -> tuple[StepTrace, ...]:
+        """The prefill of `tokens` tokens, and with `first_step` the first decoding step after it."""
+        key = ("prefill", batch, tokens, padded, first_step)
         if key not in self._steps:
-            self._steps[key] = tuple(self._generate(batch, tokens, 2, padded)[:2])
+            self._steps[key] = tuple(self._generate(batch, tokens, 2 if first_step else 1, padded))
         return self._steps[key]
 
-    def decode(self, batch: int, cached: int, padded: bool) -> StepTrace:
-        """A decoding step with `cached` tokens in the cache, after at least one step before it."""
+    def decode(self, batch: int, cached: int, padded: bool) -> tuple[StepTrace, StepTrace]:
+        """Decoding steps with `cached` and `cached + 1` tokens in the cache (sliding layers trimmed)."""
         key = ("decode", batch, cached, padded)
         if key not in self._steps:
-            self._steps[key] = self._generate(batch, cached - 1, 3, padded)[2]
+            self._steps[key] = tuple(self._generate(batch, cached - 1, 4, padded)[2:4])
         return self._steps[key]
 
     def _generate(self, batch: int, prompt: int, new_tokens: int, padded: bool) -> list[StepTrace]:
+        self.runs += 1
         steps = run_generate(self.replica, self.layers, batch=batch, prompt=prompt, new_tokens=new_tokens, padded=padded)
         if len(steps) < new_tokens:
             raise RuntimeError(f"generate stopped after {len(steps)} of {new_tokens} steps")

@@ -99,7 +99,7 @@ def render_load_report(report) -> Group:
     for placement in report.models:
         parts.append(placement_table(placement, _predicted_for(report, placement.name)))
     for headroom in report.headroom:
-        parts.append(Text(f"Generation headroom: {headroom}", style="bold"))
+        parts.append(Text(headroom.line, style="bold"))
     parts.append(kept_table(report.kept))
     parts.append(memory_table(report.memory_before, report.memory_after))
     if report.error:
