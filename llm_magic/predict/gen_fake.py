@@ -61,9 +61,36 @@ def _storage(tensor: Any):
         return None
 
 
-def live_bytes_mode():
+def live_bytes_mode(cpu_kernels: bool = False):
     """A fresh `LiveBytes` (the class is built on first use: torch is imported lazily)."""
-    return _live_bytes_class()()
+    return _live_bytes_class()(cpu_kernels)
+
+
+def _cpu_flash_attention() -> tuple:
+    import torch
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return (op.default,) if op is not None else ()
+
+
+def cpu_flash_attention_scratch(args) -> int:
+    """Bytes the cpu flash-attention kernel allocates inside itself while it runs.
+
+    compat: the buffers of PyTorch's cpu_flash_attention (aten/src/ATen/native/cpu/
+    FlashAttentionKernel.cpp, torch 2.1 to 2.13): per thread, a q-block x kv-block score tile,
+    the running max and sum, and an output tile, in float32 (plus the tile in the input dtype
+    for bf16/fp16). The operator's own outputs are counted like any other.
+    """
+    import torch
+
+    query, key, value = args[:3]
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    q_split = 256 if q_length >= 768 else 64 if q_length >= 192 else 32
+    q_split, kv_split = min(q_split, q_length), min(512, kv_length)
+    per_thread = q_split * kv_split + 2 * q_split + q_split * value.shape[-1]
+    reduced = query.dtype in (torch.bfloat16, torch.float16)
+    threads = torch.get_num_threads()
+    return threads * (4 * per_thread + (q_split * kv_split * query.element_size() if reduced else 0))
 
 
 def small_real_ops_mode(token: int = 0, counter=None):
@@ -82,8 +109,9 @@ def _live_bytes_class() -> type:
     class LiveBytes(TorchDispatchMode):
         """Bytes of the storages operators created, alive now (`live`) and at most (`peak`)."""
 
-        def __init__(self) -> None:
+        def __init__(self, cpu_kernels: bool = False) -> None:
             super().__init__()
+            self.cpu_kernels = cpu_kernels  # add the scratch memory of the cpu attention kernel
             self.live = 0  # bytes
             self.peak = 0  # bytes, since the last mark()
             self._sizes = WeakIdKeyDictionary()  # storage -> bytes counted (0: not ours)
@@ -127,6 +155,8 @@ def _live_bytes_class() -> type:
                     self._refs.append(weakref.ref(storage, lambda ref, n=nbytes: self._release(n)))
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
+            if self.cpu_kernels and func in _cpu_flash_attention():
+                self.peak = max(self.peak, self.live + cpu_flash_attention_scratch(args))
             return out
 
     _CLASSES["live"] = LiveBytes

@@ -122,7 +122,9 @@ class Simulator:
 
     def _generate(self, batch: int, prompt: int, new_tokens: int, padded: bool) -> list[StepTrace]:
         self.runs += 1
-        steps = run_generate(self.replica, self.layers, batch=batch, prompt=prompt, new_tokens=new_tokens, padded=padded)
+        cpu = self.layout.main_device == "cpu"
+        steps = run_generate(self.replica, self.layers, batch=batch, prompt=prompt, new_tokens=new_tokens,
+                             padded=padded, cpu=cpu)
         if len(steps) < new_tokens:
             raise RuntimeError(f"generate stopped after {len(steps)} of {new_tokens} steps")
         return steps

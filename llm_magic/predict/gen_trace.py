@@ -132,12 +132,14 @@ class _Hooks:
         return traces
 
 
-def run_generate(replica: Any, layers, *, batch: int, prompt: int, new_tokens: int, padded: bool) -> list[StepTrace]:
+def run_generate(replica: Any, layers, *, batch: int, prompt: int, new_tokens: int, padded: bool,
+                 cpu: bool = False) -> list[StepTrace]:
     """The model's own `generate` on the fake `replica`: one StepTrace per forward call.
 
     The prompt ids and attention mask are real (small): generate and the masking code read
     them. With `padded`, one row starts with a pad token (a batch of unequal prompts, padded on
-    the left as decoder-only generation requires).
+    the left as decoder-only generation requires). `cpu`: the model runs on the cpu, whose
+    attention kernel allocates scratch memory no operator returns.
     """
     import torch
 
@@ -149,7 +151,7 @@ def run_generate(replica: Any, layers, *, batch: int, prompt: int, new_tokens: i
     mask = torch.ones(batch, prompt, dtype=torch.long)
     if padded and batch > 1:
         mask[-1, 0] = 0
-    counter = gen_fake.live_bytes_mode()
+    counter = gen_fake.live_bytes_mode(cpu_kernels=cpu)
     hooks = _Hooks(replica, layers, counter)
     try:
         with replica.fake_mode, gen_fake.small_real_ops_mode(token, counter), counter:
