@@ -49,6 +49,7 @@ class GenLayout:
     picks: tuple[int, ...]  # the replica's layers: the first two, and the first of each kind
     kind_shapes: tuple[tuple, ...]  # per kind: (class name, ((parameter, shape), ...)) to check a replica
     streamed_bytes: tuple[int, ...]  # per layer: offloaded weights copied to its device while it runs
+    streamed_other: dict[str, int]  # "embedding", "head": their offloaded weights, likewise
     main_device: str
     head_device: str
     weights_by_device: dict[str, int]  # bytes resident now (or, for a meta model, once loaded)
@@ -56,6 +57,7 @@ class GenLayout:
     param_dtypes: dict[str, Any] = field(default_factory=dict)  # qualified name -> dtype
     generation_config: Any = None  # the model's: cache implementation, sampling
     sliding: bool = False  # some layers keep a window (or chunk) of the cache, not all of it
+    windows: tuple[int, ...] = ()  # their windows (chunks), in tokens
     notes: tuple[str, ...] = ()
 
     @property
@@ -104,12 +106,14 @@ def layout_of_loaded(model: Any) -> GenLayout:
         streamed.append(_streamed_bytes(layer))
     main = model_device(model) or devices[0]
     head = _head_device(model) or devices[-1]
+    ends = {"embedding": model.get_input_embeddings(), "head": model.get_output_embeddings()}
+    other = {key: _streamed_bytes(module) for key, module in ends.items() if module is not None}
     weights: dict[str, int] = {}
     for parameter in (*model.parameters(), *model.buffers()):
         if parameter.device.type != "meta":
             device = device_name(parameter.device)
             weights[device] = weights.get(device, 0) + parameter.numel() * parameter.element_size()
-    return _layout(model, layers, path, devices, streamed, main, head, weights)
+    return _layout(model, layers, path, devices, streamed, main, head, weights, other)
 
 
 def layout_of_meta(model: Any, device_map: dict[str, Any] | None) -> GenLayout:
@@ -146,10 +150,15 @@ def layout_of_meta(model: Any, device_map: dict[str, Any] | None) -> GenLayout:
     names = {id(module): name for name, module in model.named_modules()}
     main = runs_on(names.get(id(embedding), "")) if embedding is not None else devices[0]
     head_device = runs_on(names.get(id(head), "")) if head is not None else devices[-1]
-    return _layout(model, layers, path, devices, streamed, main, head_device, weights)
+    other = {}
+    for key, module in (("embedding", embedding), ("head", head)):
+        name = names.get(id(module), "")
+        if module is not None and (placed(name) == "disk" or placed(name) == "cpu" and main_accelerator):
+            other[key] = sum(p.numel() * p.element_size() for p in module.parameters())
+    return _layout(model, layers, path, devices, streamed, main, head_device, weights, other)
 
 
-def _layout(model, layers, path, devices, streamed, main, head, weights) -> GenLayout:
+def _layout(model, layers, path, devices, streamed, main, head, weights, other) -> GenLayout:
     config = model.config
     notes: list[str] = []
     kinds, picks, shapes = _kinds(model, layers)
@@ -172,6 +181,7 @@ def _layout(model, layers, path, devices, streamed, main, head, weights) -> GenL
         picks=tuple(picks),
         kind_shapes=tuple(shapes),
         streamed_bytes=tuple(streamed),
+        streamed_other=other,
         main_device=main,
         head_device=head,
         weights_by_device=weights,
@@ -179,8 +189,19 @@ def _layout(model, layers, path, devices, streamed, main, head, weights) -> GenL
         param_dtypes={name: t.dtype for name, t in (*model.named_parameters(), *model.named_buffers())},
         generation_config=getattr(model, "generation_config", None),
         sliding=has_sliding_layers(config),
+        windows=_windows(config),
         notes=tuple(notes),
     )
+
+
+def _windows(config: Any) -> tuple[int, ...]:
+    from llm_magic.measure.kvcache import kv_cache_profile
+
+    try:
+        profile = kv_cache_profile(config, "float32")
+    except Exception:  # noqa: BLE001 - an odd config: no window known
+        return ()
+    return tuple(sorted({layer.window for layer in profile.layers if layer.window}))
 
 
 def _layers_and_path(model: Any):

@@ -6,9 +6,10 @@ For one batch size, number of new tokens and padding, `PeakCurve` gives each dev
   generated, the first decoding step after it, when sliding layers still hold the whole prompt),
   simulated at each T asked for;
 - the last decoding step, with T + new - 2 tokens cached. A decoding step's memory is affine in
-  the cached tokens (the cache, one layer's copy while it grows, attention over it), so it is
-  simulated once, at the longest cache the search can ask for, as a line (two consecutive steps
-  give its slope) and checked by a simulation at the answer when it is what binds.
+  the cached tokens (the cache, one layer's copy while it grows, attention over it) past the
+  lengths where fixed costs (the logits) dominate, so it is simulated as two lines (two
+  consecutive steps give a slope), at the longest cache the search can ask for and at a short
+  one, and checked by a simulation at the answer when it is what binds.
 
 `largest_fitting` finds the longest prompt whose peak fits: interpolation between simulated
 lengths (the peak is linear or quadratic in T: sdpa vs eager scores and masks), each guess
@@ -43,7 +44,7 @@ class PeakCurve:
         self.batch, self.new_tokens, self.padded = batch, new_tokens, padded
         self.longest_prompt = max(1, longest_prompt)  # the decode line is simulated for this one
         self.prefills: dict[int, Peaks] = {}  # T -> peaks of the prefill (and first step), simulated
-        self._line: tuple[int, Peaks, Peaks] | None = None  # (C, peaks at C, peaks at C + 1)
+        self._lines: list[tuple[int, Peaks, Peaks]] = []  # (C, peaks at C, peaks at C + 1)
         self.decodes: dict[int, Peaks] = {}  # cached tokens -> peaks of that decoding step, simulated
 
     def _compose(self, step) -> Peaks:
@@ -57,18 +58,22 @@ class PeakCurve:
         return self.prefills[tokens]
 
     def decode(self, cached: int, *, simulate: bool = False) -> Peaks:
-        """The decoding step with `cached` tokens in the cache: on the line, or simulated."""
+        """The decoding step with `cached` tokens in the cache: interpolated, or simulated.
+
+        Two consecutive simulated steps at the longest cache the search can ask for and two at
+        a short one (past the sliding windows): straight between them, each pair's slope beyond."""
         if simulate or cached in self.decodes:
             if cached not in self.decodes:
                 self.decodes[cached] = self._compose(self.simulator.decode(self.batch, cached, self.padded)[0])
             return self.decodes[cached]
-        if self._line is None:
+        if not self._lines:
             top = self.longest_prompt + self.new_tokens - 2
-            at, after = self.simulator.decode(self.batch, top, self.padded)
-            self._line = (top, self._compose(at), self._compose(after))
-            self.decodes[top] = self._line[1]
-        top, at, after = self._line
-        return {device: at[device] + (after.get(device, 0) - at[device]) * (cached - top) for device in at}
+            short = min(top, 2 + max(self.layout.windows, default=0))
+            for at in dict.fromkeys((top, short)):
+                now, after = (self._compose(step) for step in self.simulator.decode(self.batch, at, self.padded))
+                self._lines.append((at, now, after))
+                self.decodes[at] = now
+        return _on_lines(self._lines, cached)
 
     def peaks(self, tokens: int, *, simulate_decode: bool = False) -> Peaks:
         """Each device's peak for a prompt of `tokens` tokens (its prefill simulated)."""
@@ -93,6 +98,20 @@ class PeakCurve:
                    for device in self.prefills[nearest[0]]}
         parts = [prefill] + ([self.decode(tokens + self.new_tokens - 2)] if self.new_tokens >= 3 else [])
         return _max_by_device(*parts)
+
+
+def _on_lines(lines: list[tuple[int, Peaks, Peaks]], cached: int) -> Peaks:
+    """Piecewise-linear through the simulated decoding steps (C, peaks at C, peaks at C + 1)."""
+    points = sorted({at + offset: peaks for at, now, after in lines for offset, peaks in ((0, now), (1, after))}.items())
+    if cached <= points[0][0] or len(points) == 1:
+        (x0, y0), (x1, y1) = points[0], points[min(1, len(points) - 1)]
+    elif cached >= points[-1][0]:
+        (x0, y0), (x1, y1) = points[-2], points[-1]
+    else:
+        (x0, y0), (x1, y1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= cached <= b[0])
+    if x1 == x0:
+        return dict(y0)
+    return {device: round(y0[device] + (y1.get(device, 0) - y0[device]) * (cached - x0) / (x1 - x0)) for device in y0}
 
 
 def _quadratic(points: list[tuple[float, float]], x: float) -> float:

@@ -110,9 +110,12 @@ class GenerationPredictor:
         return self._curves[key]
 
     def peaks(self, batch: int, prompt: int, new_tokens: int, *, padded: bool = False, exact: bool = True) -> Peaks:
-        """Generation bytes (above the weights) at the peak of one generate call, per device."""
+        """Generation bytes (above the weights) at the peak of one generate call, per device:
+        simulated (`exact`), or interpolated between lengths simulated before."""
         curve = self.curve(batch, new_tokens, padded)
-        return self._timed(curve.peaks if exact else curve.estimate, max(1, prompt))
+        if exact:
+            return self._timed(lambda tokens: curve.peaks(tokens, simulate_decode=True), max(1, prompt))
+        return self._timed(curve.estimate, max(1, prompt))
 
     def largest_prompt(self, batch: int, new_tokens: int, capacity: Peaks, *, padded: bool = False) -> PromptLimit:
         curve = self.curve(batch, new_tokens, padded)
