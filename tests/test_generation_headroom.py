@@ -48,14 +48,14 @@ def test_llmload_shows_the_context_not_millions_of_tokens(shell, tiny_model):
 
 def test_a_tight_budget_names_the_longest_prompt_and_real_runs_agree(model):
     predictor = GenerationPredictor.for_model(model)
-    free = predictor.peaks(1, 100, 128)["cpu"]
-    line = headroom(model, "model", cpu_free(free))
+    free = predictor.peaks(1, 100, 16)["cpu"]
+    line = headroom(model, "model", cpu_free(free), new_tokens=16)
     longest = line.max_prompt_tokens
-    assert line.new_tokens == 128  # half the 256-token context
-    assert line.summary == f"prompts over {longest:,} tokens (+128 new) will run out of memory on cpu at batch 1"
+    assert line.summary == f"prompts over {longest:,} tokens (+16 new) will run out of memory on cpu at batch 1"
     assert longest == 100
-    assert generate_peak(model, 1, longest, 128) <= free * 1.01  # the real loop: fits at the answer...
-    assert generate_peak(model, 1, longest + 12, 128) > free  # ...and runs out a little beyond it
+    assert generate_peak(model, 1, longest, 16) <= free * 1.01  # the real loop: fits at the answer...
+    assert generate_peak(model, 1, longest + 6, 16) > free  # ...and runs out a little beyond it
+    assert headroom(model, "model", cpu_free(free)).new_tokens == 128  # the default 256, capped at half the context
 
 
 def test_encoders_get_no_generation_line(shell, tmp_path):

@@ -127,20 +127,22 @@ def _quadratic(points: list[tuple[float, float]], x: float) -> float:
 
 
 def largest_fitting(excess: Callable[[int], int], low: int, high: int) -> int:
-    """The largest T in [low, high] with excess(T) <= 0 (excess never decreases); low - 1 if none."""
+    """The largest T in [low, high] with excess(T) <= 0 (excess never decreases); low - 1 if none.
+
+    Halves down from `high` until a length fits (the peak is dominated by the same terms near
+    the answer, so the points stay informative), then interpolates inside the bracket."""
     known: dict[int, int] = {high: excess(high)}
     if known[high] <= 0:
         return high
-    middle = (low + high) // 2
-    if middle > low:
-        known[middle] = excess(middle)
-        if known[middle] > 0:
-            high = middle
-    if low not in known and (middle <= low or known[middle] > 0):
-        known[low] = excess(low)
-    if known.get(low, -1) > 0:
+    tokens = high
+    while tokens > low:
+        tokens = max(low, tokens // 2)
+        known[tokens] = excess(tokens)
+        if known[tokens] <= 0:
+            break
+    if known[tokens] > 0:
         return low - 1
-    fits = max(t for t in known if known[t] <= 0)  # bracket: fits fits, fails does not
+    fits = tokens  # bracket: fits fits, fails does not
     fails = min(t for t in known if known[t] > 0)
     while fails - fits > 1:
         guess = _guess(known, fits, fails)

@@ -123,18 +123,24 @@ class GenerationPredictor:
         if bound < 1:
             return PromptLimit(batch, new_tokens, 0, 0, None, {})
 
-        def excess(tokens: int) -> int:
-            return _excess(self._timed(curve.peaks, tokens), capacity)[0]
+        def excess(peaks) -> int:
+            return _excess(peaks, capacity)[0]
 
-        best = self._timed_search(excess, bound)
-        if best >= 1 and curve.decode_binds(best):
-            # The decode line is exact where it was simulated; check the answer by simulation.
-            if _excess(self._timed(lambda t: curve.peaks(t, simulate_decode=True), best), capacity)[0] > 0:
-                best = self._timed_search(lambda t: _excess(curve.peaks(t, simulate_decode=True), capacity)[0], best)
+        # The prefill (and first step) first: it binds unless many new tokens grow a long cache.
+        best = self._timed(largest_fitting, lambda t: excess(curve.prefill(t)), 1, bound)
+        peaks_of = curve.prefill
+        if best >= 1 and new_tokens >= 3:
+            last = self._timed(lambda: curve.decode(best + new_tokens - 2, simulate=True))
+            if excess(last) > 0:  # the last decoding step binds: search with it
+                peaks_of = curve.peaks
+                best = self._timed(largest_fitting, lambda t: excess(curve.peaks(t)), 1, best)
+                while best >= 1 and excess(self._timed(lambda: curve.peaks(best, simulate_decode=True))) > 0:
+                    best -= 1  # the interpolated decode step was a little low: step back to what fits
         at = max(best, 1)
-        over = min(best + 1, bound) if best < bound else None
-        binding = _excess(curve.peaks(over), capacity)[1] if over is not None else None
-        return PromptLimit(batch, new_tokens, max(best, 0), bound, binding, curve.peaks(at))
+        peak = self._timed(lambda: curve.peaks(at, simulate_decode=True) if new_tokens >= 3 and best >= 1 else peaks_of(at))
+        over = self._timed(peaks_of, best + 1) if best < bound else None
+        binding = _excess(over, capacity)[1] if over is not None else None
+        return PromptLimit(batch, new_tokens, max(best, 0), bound, binding, peak)
 
     def largest_new_tokens(self, batch: int, prompt: int, new_tokens: int, capacity: Peaks, *, padded: bool = False) -> int:
         """The most new tokens (below `new_tokens`) a prompt of `prompt` tokens fits with; 0 if none."""
@@ -154,8 +160,6 @@ class GenerationPredictor:
         finally:
             self.simulations_seconds += time.perf_counter() - started
 
-    def _timed_search(self, excess, bound: int) -> int:
-        return largest_fitting(excess, 1, bound)
 
 
 def _excess(peaks: Peaks, capacity: Peaks) -> tuple[int, str | None]:
