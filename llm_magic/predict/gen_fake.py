@@ -61,9 +61,9 @@ def _storage(tensor: Any):
         return None
 
 
-def live_bytes_mode(cpu_kernels: bool = False):
+def live_bytes_mode(cpu_kernels: bool = False, block: int = 1):
     """A fresh `LiveBytes` (the class is built on first use: torch is imported lazily)."""
-    return _live_bytes_class()(cpu_kernels)
+    return _live_bytes_class()(cpu_kernels, block)
 
 
 def _cpu_flash_attention() -> tuple:
@@ -109,9 +109,10 @@ def _live_bytes_class() -> type:
     class LiveBytes(TorchDispatchMode):
         """Bytes of the storages operators created, alive now (`live`) and at most (`peak`)."""
 
-        def __init__(self, cpu_kernels: bool = False) -> None:
+        def __init__(self, cpu_kernels: bool = False, block: int = 1) -> None:
             super().__init__()
             self.cpu_kernels = cpu_kernels  # add the scratch memory of the cpu attention kernel
+            self.block = block  # allocation granularity: PyTorch's CUDA allocator rounds to 512 bytes
             self.live = 0  # bytes
             self.peak = 0  # bytes, since the last mark()
             self._sizes = WeakIdKeyDictionary()  # storage -> bytes counted (0: not ours)
@@ -149,7 +150,7 @@ def _live_bytes_class() -> type:
                 storage = _storage(tensor)
                 if storage is None or storage in self._sizes:
                     continue  # a view or an in-place result: no new memory
-                nbytes = storage.nbytes()
+                nbytes = -(-storage.nbytes() // self.block) * self.block
                 self._sizes[storage] = nbytes
                 if nbytes:
                     self._refs.append(weakref.ref(storage, lambda ref, n=nbytes: self._release(n)))

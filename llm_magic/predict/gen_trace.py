@@ -139,7 +139,8 @@ def run_generate(replica: Any, layers, *, batch: int, prompt: int, new_tokens: i
     The prompt ids and attention mask are real (small): generate and the masking code read
     them. With `padded`, one row starts with a pad token (a batch of unequal prompts, padded on
     the left as decoder-only generation requires). `cpu`: the model runs on the cpu, whose
-    attention kernel allocates scratch memory no operator returns.
+    attention kernel allocates scratch memory no operator returns; otherwise on an accelerator,
+    whose caching allocator hands out blocks of 512 bytes.
     """
     import torch
 
@@ -151,7 +152,7 @@ def run_generate(replica: Any, layers, *, batch: int, prompt: int, new_tokens: i
     mask = torch.ones(batch, prompt, dtype=torch.long)
     if padded and batch > 1:
         mask[-1, 0] = 0
-    counter = gen_fake.live_bytes_mode(cpu_kernels=cpu)
+    counter = gen_fake.live_bytes_mode(cpu_kernels=cpu, block=1 if cpu else 512)
     hooks = _Hooks(replica, layers, counter)
     try:
         with replica.fake_mode, gen_fake.small_real_ops_mode(token, counter), counter:
