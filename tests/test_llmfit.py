@@ -79,6 +79,9 @@ def test_bare_lengths_and_the_default_capacity(loaded, capsys):
     assert report.capacity_from == {"cpu": "free now"}
     assert report.max_prompt_tokens == 256 - 16  # capped by the context window
     assert "prompts up to 240 tokens fit at batch 1 with 16 new tokens" in str(report)
+    over = fit(loaded, "model --tokens 10 250 --max-new-tokens 16 -o")  # 250 + 16 > 256
+    assert [item.fits for item in over.items] == [True, False] and over.first_failing_item == 1
+    assert over.first_failing == "item 1 (250 tokens) does not fit the 256-token context with 16 new tokens — truncate to 240 tokens"
 
 
 def test_text_prompts_are_tokenized_with_the_named_tokenizer(loaded):

@@ -237,8 +237,12 @@ def _first_failing(predictor, item, options: FitOptions, free: dict, max_prompt:
     truncate to 4,096 tokens, or use batch 1'."""
     from llm_magic.predict.generation import missing_bytes
 
-    device = max(item.missing_bytes, key=item.missing_bytes.get)
     padded = f", its batch padded to {item.batch_tokens:,}" if item.batch_tokens != item.tokens else ""
+    if not item.missing_bytes:  # prompt + new tokens overflow the context window
+        bound = predictor.prompt_bound(options.max_new_tokens)
+        return (f"item {item.index} ({item.tokens:,} tokens{padded}) does not fit the {predictor.context_window:,}-token "
+                f"context with {options.max_new_tokens:,} new tokens — truncate to {bound:,} tokens")
+    device = max(item.missing_bytes, key=item.missing_bytes.get)
     head = f"item {item.index} ({item.tokens:,} tokens{padded}) needs {format_bytes(item.missing_bytes[device])} more on {device}"
     fixes = []
     new = predictor.largest_new_tokens(item.batch_size, item.batch_tokens, options.max_new_tokens, free, padded=item.padded)

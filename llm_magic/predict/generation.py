@@ -109,12 +109,14 @@ class GenerationPredictor:
             self._curves[key] = PeakCurve(self.simulator, batch, new_tokens, key[2], longest)
         return self._curves[key]
 
-    def peaks(self, batch: int, prompt: int, new_tokens: int, *, padded: bool = False, exact: bool = True) -> Peaks:
+    def peaks(self, batch: int, prompt: int, new_tokens: int, *, padded: bool = False, exact: bool = True,
+              simulate_decode: bool = True) -> Peaks:
         """Generation bytes (above the weights) at the peak of one generate call, per device:
-        simulated (`exact`), or interpolated between lengths simulated before."""
+        simulated (`exact`; the last decoding step too unless not `simulate_decode`, then on the
+        line through simulated steps), or interpolated between lengths simulated before."""
         curve = self.curve(batch, new_tokens, padded)
         if exact:
-            return self._timed(lambda tokens: curve.peaks(tokens, simulate_decode=True), max(1, prompt))
+            return self._timed(lambda tokens: curve.peaks(tokens, simulate_decode=simulate_decode), max(1, prompt))
         return self._timed(curve.estimate, max(1, prompt))
 
     def largest_prompt(self, batch: int, new_tokens: int, capacity: Peaks, *, padded: bool = False) -> PromptLimit:
@@ -186,22 +188,27 @@ def fit_items(predictor: GenerationPredictor, lengths: list[int], batch: int, ne
               capacity: Peaks, weights: Peaks) -> tuple[ItemFit, ...]:
     """Each item's fit: its batch padded to the longest prompt in it, simulated where it matters.
 
-    Peaks are simulated for the lengths the decision depends on (each batch that does not fit,
-    and those within 2% of a capacity); the others are interpolated between simulated lengths.
+    Simulated (the prefill; decoding steps on their interpolated line): batches within 2% of a
+    capacity, where the decision is made, and the first batch that does not fit, whose figures
+    the report quotes. Elsewhere the peak is interpolated between simulated lengths. A batch
+    whose prompts and new tokens overflow the context window does not fit (no bytes missing).
     """
     items: list[ItemFit] = []
+    bound, failed = predictor.prompt_bound(new_tokens), False
     for group in batches(lengths, batch):
         longest = max(lengths[i] for i in group)
-        padded = len({lengths[i] for i in group}) > 1
-        size = len(group)
-        peaks = predictor.peaks(size, longest, new_tokens, padded=padded, exact=False)
+        padded, size = len({lengths[i] for i in group}) > 1, len(group)
+        tokens = min(longest, max(bound, 1))
+        peaks = predictor.peaks(size, tokens, new_tokens, padded=padded, exact=False)
         worst = _excess(peaks, capacity)[0]
-        if worst > -_margin(capacity):
-            peaks = predictor.peaks(size, longest, new_tokens, padded=padded)
+        if abs(worst) <= _margin(capacity) or (worst > 0 and not failed):
+            peaks = predictor.peaks(size, tokens, new_tokens, padded=padded, exact=True, simulate_decode=False)
         missing = missing_bytes(peaks, capacity)
+        fits = not missing and longest <= bound
+        failed = failed or not fits
         total = {device: weights.get(device, 0) + nbytes for device, nbytes in peaks.items()}
         for index in group:
-            items.append(ItemFit(index, lengths[index], longest, size, padded, not missing, total, missing))
+            items.append(ItemFit(index, lengths[index], longest, size, padded, fits, total, missing))
     return tuple(items)
 
 

@@ -39,6 +39,9 @@ def _device_rows(report) -> list[list[str]]:
 def _item_rows(report) -> list[list[str]]:
     rows = []
     for item in report.failing[:MAX_ROWS]:
+        if not item.missing_bytes:
+            rows.append([str(item.index), f"{item.tokens:,}", f"{item.batch_tokens:,}", "context", "too long"])
+            continue
         device = max(item.missing_bytes, key=item.missing_bytes.get)
         rows.append([str(item.index), f"{item.tokens:,}", f"{item.batch_tokens:,}", device,
                      format_bytes(item.missing_bytes[device])])
@@ -90,5 +93,5 @@ def fit_text(report) -> str:
     for device, weights, capacity, worst in _device_rows(report):
         lines.append(f"  {device}: weights {weights}, capacity {capacity}" + (f", worst batch peak {worst}" if worst else ""))
     for index, tokens, padded, device, missing in _item_rows(report):
-        lines.append(f"  item {index}: {tokens} tokens (padded to {padded}) needs {missing} more on {device}")
+        lines.append(f"  item {index}: {tokens} tokens (padded to {padded}): {missing} more on {device}")
     return "\n".join(lines)
