@@ -99,14 +99,14 @@ def accuracy(new_tokens: int = 8) -> None:
 
     from llm_magic.predict.generation import GenerationPredictor
 
-    print("| model | attention | batch | prompt | predicted | measured | error |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | attention | batch | prompt | predicted | measured | predicted - measured | error |")
+    print("|---|---|---|---|---|---|---|---|")
     worst = []
     for arch, attention in ACCURACY:
         try:
             model = small_model(arch, attention)
         except (ValueError, ImportError) as error:  # gemma2 has no sdpa in transformers 5
-            print(f"| {arch} | {attention} | | | not supported: {str(error).splitlines()[0][:60]} | | |")
+            print(f"| {arch} | {attention} | | | not supported: {str(error).splitlines()[0][:60]} | | | |")
             continue
         predictor = GenerationPredictor.for_model(model)
         for batch, tokens in SHAPES:
@@ -116,9 +116,9 @@ def accuracy(new_tokens: int = 8) -> None:
             measured = generate_peak(model, batch, tokens, new_tokens)
             error = (predicted - measured) / measured
             worst.append(error)
-            print(f"| {arch} | {attention} | {batch} | {tokens:,} | {predicted / MIB:.2f} MiB | {measured / MIB:.2f} MiB | {error:+.2%} |",
-                  flush=True)
-    print(f"\n{len(worst)} rows; error from {min(worst):+.2%} to {max(worst):+.2%}")
+            print(f"| {arch} | {attention} | {batch} | {tokens:,} | {predicted / MIB:.2f} MiB | {measured / MIB:.2f} MiB | "
+                  f"{predicted - measured:+,} B | {error:+.3%} |", flush=True)
+    print(f"\n{len(worst)} rows; error from {min(worst):+.3%} to {max(worst):+.3%}")
 
 
 def story(short: int = 256, new_tokens: int = 16) -> None:
