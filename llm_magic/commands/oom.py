@@ -242,7 +242,8 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
     # After the release, so that what the frames held is gone from the list.
     scan = scan_holders(visible_names(shell), hidden_refs(shell), find_orphans=True)
     holders = _rank_holders(scan.rows, device)
-    found = (model_headroom(model, name, snapshot, failed=failed.get(id(model))) for name, model in _language_models(shell)[:MAX_MODELS])
+    models = _language_models(shell)[:MAX_MODELS]
+    found = (model_headroom(model, name, snapshot, failed=failed.get(id(model))) for name, model in models)
     headroom = tuple(item for item in found if item is not None)
     return OOMExplanation(
         error=first_line(oom),

@@ -42,7 +42,7 @@ def _free_line(explanation: OOMExplanation) -> str:
 
 
 def _headroom_line(headroom: Headroom) -> str:
-    """'Generation headroom of model (sdpa): the input that failed (batch 1 x 6,412 tokens, +256 new)
+    """'Generation headroom of model (bfloat16, sdpa): the input that failed (batch 1 x 6,412 tokens, +256 new)
     needs 3.1 GiB more on cuda:0 than is free now; prompts up to 4,096 tokens fit'."""
     line = headroom.line
     unknown = headroom.generation is None or headroom.generation.max_prompt_tokens is None
