@@ -99,7 +99,7 @@ def unwrap(model: Any) -> Any:
 
 def layout_of_loaded(model: Any) -> GenLayout:
     """The layout of a loaded (possibly dispatched, offloaded or split) model."""
-    layers, path = _layers_and_path(model)
+    layers, path = decoder_layers_and_path(model)
     devices, streamed = [], []
     for layer in layers:
         devices.append(execution_device(layer) or "cpu")
@@ -135,7 +135,7 @@ def layout_of_meta(model: Any, device_map: dict[str, Any] | None) -> GenLayout:
         device = placed(name)
         return main_accelerator if device in ("cpu", "disk") and main_accelerator else ("cpu" if device == "disk" else device)
 
-    layers, path = _layers_and_path(model)
+    layers, path = decoder_layers_and_path(model)
     devices, streamed = [], []
     for index, layer in enumerate(layers):
         name = f"{path}.{index}"
@@ -204,7 +204,7 @@ def _windows(config: Any) -> tuple[int, ...]:
     return tuple(sorted({layer.window for layer in profile.layers if layer.window}))
 
 
-def _layers_and_path(model: Any):
+def decoder_layers_and_path(model: Any):
     count = getattr(text_config(model.config), "num_hidden_layers", None)
     layers = decoder_layers(model, int(count)) if count else None
     if layers is None:

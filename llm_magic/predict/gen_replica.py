@@ -47,24 +47,34 @@ def _cut_config(config: Any, picks: tuple[int, ...]) -> Any:
     return config
 
 
-def build_replica(layout: GenLayout) -> tuple[Any, list, tuple[int, ...]]:
-    """(replica, its decoder layers, the real index of each) in a fresh fake mode."""
+def _on_meta(layout: GenLayout, config: Any):
+    """The model's class built from `config` on the meta device, in the model's dtype."""
     import torch
 
-    from llm_magic.predict.gen_layout import _layers_and_path
+    previous = torch.get_default_dtype()
+    try:
+        if layout.dtype is not None and layout.dtype.is_floating_point:
+            torch.set_default_dtype(layout.dtype)
+        with torch.device("meta"):
+            return _construct(layout.model_class, config, layout.attention)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_replica(layout: GenLayout) -> tuple[Any, list, tuple[int, ...]]:
+    """(replica, its decoder layers, the real index of each) in a fresh fake mode."""
+    from llm_magic.predict.gen_layout import decoder_layers_and_path
 
     count = len(layout.layer_devices)
     for picks in (layout.picks, tuple(range(count))):
         config = _cut_config(layout.config, picks) if len(picks) < count else copy.deepcopy(layout.config)
-        previous = torch.get_default_dtype()
         try:
-            if layout.dtype is not None and layout.dtype.is_floating_point:
-                torch.set_default_dtype(layout.dtype)
-            with torch.device("meta"):
-                replica = _construct(layout.model_class, config, layout.attention)
-        finally:
-            torch.set_default_dtype(previous)
-        layers, path = _layers_and_path(replica)
+            replica = _on_meta(layout, config)
+            layers, path = decoder_layers_and_path(replica)
+        except Exception:  # noqa: BLE001 - a cut config this family rejects: keep every layer
+            if len(picks) == count:
+                raise
+            continue
         wanted = [layout.kind_shapes[layout.layer_kinds[index]] for index in picks]
         if [layer_shapes(layer) for layer in layers] == wanted:
             break
