@@ -105,3 +105,21 @@ def test_oom_rescue_names_the_input_that_failed(shell, model):
     assert line.summary.startswith("the input that failed (batch 2 x 100 tokens, +16 new) fits in the memory free now")
     assert line.peak_bytes == GenerationPredictor.for_model(model).peaks(2, 100, 16)
     assert "the input that failed (batch 2 x 100 tokens, +16 new)" in flat(captured.stdout + captured.stderr)
+
+
+def test_a_model_the_simulation_cannot_run_gets_unknown_not_an_error(shell, tiny_model, monkeypatch):
+    """Modeling code that fails on fake tensors (or a private helper gone): one "unknown" line
+    with the reason, and %%llmload loads and reports as before."""
+    from llm_magic.predict import gen_replica
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fake kernel for this operator")
+
+    monkeypatch.setattr(gen_replica, "_construct", broken)
+    shell.user_ns["_path"] = tiny_model
+    shell.run_cell("from transformers import AutoModelForCausalLM")
+    result, captured = run(shell, "%%llmload $_path -o\nmodel = AutoModelForCausalLM.from_pretrained(MODEL_NAME)")
+    assert result.success and result.result.models and "model" in shell.user_ns
+    [item] = result.result.headroom
+    assert item.generation.summary == "unknown (RuntimeError: no fake kernel for this operator)"
+    assert "Generation headroom of model: unknown (RuntimeError: no fake kernel for this operator)" in flat(captured.stdout)

@@ -221,7 +221,7 @@ def _dtype(layout: GenLayout) -> str | None:
 
 def _unknown(name: str, batch: int, new_tokens: int, why: str, attention: str | None = None) -> GenerationHeadroom:
     return GenerationHeadroom(name, batch, new_tokens, None, None, None, None, {}, {},
-                              f"unknown ({why})", attention, (why,))
+                              f"unknown ({why})", attention=attention, notes=(why,))
 
 
 @dataclass(frozen=True)
