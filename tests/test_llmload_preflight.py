@@ -101,7 +101,9 @@ def test_headroom_is_in_every_load_report(shell, tiny_model):
     [headroom] = result.result.headroom
     assert headroom.bytes_per_token > 0 and headroom.device == "cpu"
     assert [fit.batch for fit in headroom.fits] == [1, 4]
-    assert "Generation headroom" in output and "tokens" in output
+    line = headroom.generation  # the simulated peak of generate, capped at the 256-token context
+    assert line.context_window == 256 and line.whole_context and line.batch == 4
+    assert "Generation headroom of model (float32, sdpa): fits: the full 256-token context at batch 4" in output
 
 
 def test_empty_body_passes_max_memory_computed_after_release(shell, tiny_model, calls):

@@ -226,8 +226,9 @@ def test_explanation_lists_hidden_holders_and_kv_headroom(bare_shell, rescue, ti
     assert headroom.bytes_per_token == 4 * 2 * 2 * 16 * 4
     (cpu,) = headroom.devices
     assert cpu.free_bytes and headroom.fits[0].tokens == cpu.free_bytes // headroom.bytes_per_token
-    assert "Generation headroom of model (float32): KV cache 1 KiB/token on cpu" in output
-    assert "tokens fit at batch 1" in output
+    line = headroom.generation  # the simulated peak of generate, capped at the 256-token context
+    assert line.whole_context and line.context_window == 256 and line.peak_bytes["cpu"] > 0
+    assert "Generation headroom of model (float32, sdpa): fits: the full 256-token context at batch 1" in output
 
 
 def test_unregister_restores_callbacks_exactly(bare_shell):

@@ -215,7 +215,6 @@ def _strict_message(shell, options: LoadOptions, predictions, targets: list[Targ
 
 def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     shell_state.require_shell(shell)
-    from llm_magic.measure.headroom import generation_headroom
     from llm_magic.measure.memory import memory_snapshot
     from llm_magic.measure.placement import model_placement
 
@@ -256,7 +255,7 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     models = bound_models(shell.user_ns, plan.targets)
     placements = tuple(model_placement(model, name) for name, model in models)
     shared = _shared_weights(models)
-    headroom = tuple(generation_headroom(model, name, memory_after, batch=options.batch) for name, model in models)
+    headroom = _headroom(models, memory_after, options.batch)
     kept = kept_holders(shell, [model for _, model in models])
     del models
     report = LoadReport(
@@ -288,6 +287,14 @@ def _shared_weights(models: list[tuple[str, Any]]) -> tuple[SharedWeights, ...]:
                 shared.append(SharedWeights(name, other, footprint.restricted_to(common).by_device()))
                 break
     return tuple(shared)
+
+
+def _headroom(models, snapshot, batch: int) -> tuple:
+    """The generation headroom of each model that generates text (none for encoders)."""
+    from llm_magic.predict.gen_headroom import model_headroom
+
+    found = (model_headroom(model, name, snapshot, batch=batch) for name, model in models)
+    return tuple(item for item in found if item is not None)
 
 
 def _prediction_warnings(item: PredictedLoad) -> list[str]:

@@ -212,11 +212,12 @@ def advise(
 
 def rescue(shell, error: BaseException) -> OOMExplanation:
     """Release the failing frames of an OOM, then explain it."""
-    from llm_magic.measure.headroom import generation_headroom
     from llm_magic.measure.memory import memory_snapshot
+    from llm_magic.predict.gen_headroom import failed_inputs, model_headroom
 
     oom = find_oom(error) or error
     message = parse_oom_message(error_message(oom))
+    failed = failed_inputs(error)  # before the frames are cleared: the sizes of the input that failed
     released = release_frames(shell, error)
 
     device = message.device or _current_device()
@@ -225,7 +226,9 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
     # After the release, so that what the frames held is gone from the list.
     scan = scan_holders(visible_names(shell), hidden_refs(shell), find_orphans=True)
     holders = _rank_holders(scan.rows, device)
-    headroom = tuple(generation_headroom(model, name, snapshot) for name, model in _language_models(shell)[:MAX_MODELS])
+    models = _language_models(shell)[:MAX_MODELS]
+    found = (model_headroom(model, name, snapshot, failed=failed.get(id(model))) for name, model in models)
+    headroom = tuple(item for item in found if item is not None)
     return OOMExplanation(
         error=first_line(oom),
         message=message,

@@ -163,6 +163,48 @@ class LLMMagic(Magics):
             show(render_gpustate(state))
         return state if args.output else None
 
+    @magic_arguments()
+    @argument("model_var", help="The model in the namespace (a name, NAME.attr or NAME['key']; a pipeline's .model).")
+    @argument("--prompts", default=None, help="An expression: a list of strings or token-id lists, a datasets column, a pandas Series.")
+    @argument("--tokens", type=int, nargs="+", default=None, help="Bare prompt lengths, one item each.")
+    @argument("--tokenizer", default="tokenizer", help="The tokenizer variable for text prompts (default: tokenizer).")
+    @argument("--chat", action="store_true", help="Count each text prompt through the tokenizer's chat template.")
+    @argument("--max-new-tokens", type=int, default=256, help="New tokens per generate call (default: 256).")
+    @argument("--batch", type=int, default=1, help="Prompts per generate call, in order, padded to the longest (default: 1).")
+    @argument("--budget", default=None, help="Memory to check against instead of what is free: cuda:0=15GiB,cpu=12GiB.")
+    @argument("--json", action="store_true", help="Print the result as JSON (the same numbers).")
+    @argument("-o", "--output", action="store_true", help="Return the result object.")
+    @line_magic
+    def llmfit(self, line: str):
+        """Will a generation loop survive? The peak memory of each generate call, per device, and
+        the first input that will run out, predicted on fake tensors (no real memory used)."""
+        import json
+
+        from llm_magic.commands.llmfit import FitError, FitOptions, run_llmfit
+        from llm_magic.render.core import show
+        from llm_magic.render.fit import render_fit
+
+        args = parse_argstring(self.llmfit, line)
+        options = FitOptions(
+            model_var=args.model_var,
+            prompts=args.prompts.strip("'\"") if args.prompts else None,
+            tokens=tuple(args.tokens) if args.tokens else None,
+            tokenizer_var=args.tokenizer,
+            chat=args.chat,
+            max_new_tokens=args.max_new_tokens,
+            batch=args.batch,
+            budget=args.budget,
+        )
+        try:
+            report = run_llmfit(self.shell, options)
+        except FitError as error:
+            raise UsageError(str(error)) from None
+        if args.json:
+            print(json.dumps(report.to_dict(), ensure_ascii=False, indent=1))
+        else:
+            show(render_fit(report))
+        return report if args.output else None
+
     @line_magic
     def llmwatch(self, line: str):
         """%llmwatch on|off: after each cell, a line when a model is (re)bound or moved, and a

@@ -9,7 +9,9 @@ float32, and its cache is float32 too); the free memory is a `memory.MemorySnaps
 free plus PyTorch's unused cache on a GPU, available RAM on the cpu.
 
 Pure: no IPython; torch is reached only through the model given. Activations and allocator
-slack are not counted: the figures are upper bounds on the cache alone.
+slack are not counted: the figures are upper bounds on the cache alone, a fact about the cache
+and not a promise. The line users see (`generation`, filled by predict/gen_headroom.py) is the
+simulated peak of a whole `generate` call, activations included, capped at the context window.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from llm_magic import names
-from llm_magic.compat.accelerate import execution_device, module_hooks
+from llm_magic.compat.accelerate import execution_device as hook_execution_device
+from llm_magic.compat.accelerate import module_hooks
 from llm_magic.measure.kvcache import (
     NONE,
     SLIDING,
@@ -81,6 +84,7 @@ class Headroom:
     fits: tuple[Fit, ...]  # whole model: batch 1, then `batch` (the device that fills first decides)
     summary: str
     notes: tuple[str, ...] = ()
+    generation: Any = None  # predict.gen_headroom.GenerationHeadroom: what one generate call can take
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,10 +98,20 @@ class Headroom:
             "fits": [fit.to_dict() for fit in self.fits],
             "summary": self.summary,
             "notes": list(self.notes),
+            "generation": None if self.generation is None else self.generation.to_dict(),
         }
 
     def __str__(self) -> str:
         return self.summary
+
+    @property
+    def line(self) -> str:
+        """What users see: the generation line, else the cache's cost per token (no token count:
+        the cache alone says nothing about what fits)."""
+        if self.generation is not None:
+            return self.generation.line
+        cost = f"{format_bytes(self.bytes_per_token)} per token" if self.bytes_per_token else "unknown"
+        return f"Generation headroom of {self.name}: unknown; KV cache {cost}"
 
 
 def generation_headroom(model: Any, name: str, snapshot: MemorySnapshot, *, batch: int = 1) -> Headroom:
@@ -110,14 +124,14 @@ def generation_headroom(model: Any, name: str, snapshot: MemorySnapshot, *, batc
         raise ValueError(f"batch must be >= 1, not {batch}")
     batches = (1,) if batch == 1 else (1, batch)
     notes: list[str] = []
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     profile = _profile(model, dtype, notes)
     dtype_name = profile.dtype if profile is not None else (None if dtype is None else names.dtype_name(dtype))
     growing = [layer for layer in profile.layers if layer.kind != NONE] if profile is not None else []
     if profile is not None and profile.layers and not growing:
         # Recurrent layers only (mamba...): a fixed state per sequence, nothing per token.
         notes.extend(profile.notes)
-        return Headroom(name, _model_device(model), dtype_name, 0, 0, (), batch,
+        return Headroom(name, model_device(model), dtype_name, 0, 0, (), batch,
                         tuple(Fit(b, None, unlimited=True) for b in batches),
                         "no per-token KV cache: no token limit", tuple(notes))
     if profile is None or not any(layer.bytes_per_token for layer in growing):
@@ -165,7 +179,7 @@ def generation_headroom(model: Any, name: str, snapshot: MemorySnapshot, *, batc
 # --------------------------------------------------------------------------- the model
 
 
-def _model_dtype(model: Any):
+def model_dtype(model: Any):
     """The dtype activations (and so the cache) take: `model.dtype`, else the first float parameter's."""
     dtype = getattr(model, "dtype", None)
     if dtype is not None and getattr(dtype, "is_floating_point", False):
@@ -197,15 +211,15 @@ def _profile(model: Any, dtype: Any, notes: list[str]) -> KVProfile | None:
 
 def _layer_devices(model: Any, count: int, indices: list[int], notes: list[str]) -> list[str | None]:
     """The execution device of each decoder layer in `indices` (of `count`), or the model's device for all."""
-    layers = _decoder_layers(model, count)
+    layers = decoder_layers(model, count)
     if layers is not None:
-        return [_execution_device(layers[index]) for index in indices]
-    device = _model_device(model)
+        return [execution_device(layers[index]) for index in indices]
+    device = model_device(model)
     notes.append(f"decoder layers not found among the modules: the whole cache counted on {device or 'an unknown device'}")
     return [device] * len(indices)
 
 
-def _decoder_layers(model: Any, count: int):
+def decoder_layers(model: Any, count: int):
     """The module list of the text decoder's `count` layers: the first such list outside vision/audio towers."""
     named = getattr(model, "named_modules", None)
     if not callable(named):
@@ -217,7 +231,7 @@ def _decoder_layers(model: Any, count: int):
     return None
 
 
-def _model_device(model: Any) -> str | None:
+def model_device(model: Any) -> str | None:
     """Where the model computes: its input embedding's execution device, else the model's."""
     getter = getattr(model, "get_input_embeddings", None)
     if callable(getter):
@@ -226,19 +240,24 @@ def _model_device(model: Any) -> str | None:
         except Exception:  # noqa: BLE001 - not every model implements it
             embedding = None
         if embedding is not None:
-            device = _execution_device(embedding)
+            device = execution_device(embedding)
             if device is not None:
                 return device
-    return _execution_device(model) if hasattr(model, "modules") else None
+    return execution_device(model) if hasattr(model, "modules") else None
 
 
-def _execution_device(module: Any) -> str | None:
-    """The accelerate hook's execution device on `module` or inside it, else where its first real tensor is."""
+def accelerate_hooks(module: Any):
+    """accelerate's hooks on `module` and inside it (a SequentialHook chains several)."""
     for sub in module.modules():
-        for hook in module_hooks(sub):
-            device = execution_device(hook)
-            if device is not None:
-                return names.normalize_device(device)
+        yield from module_hooks(sub)
+
+
+def execution_device(module: Any) -> str | None:
+    """The accelerate hook's execution device on `module` or inside it, else where its first real tensor is."""
+    for hook in accelerate_hooks(module):
+        device = hook_execution_device(hook)
+        if device is not None:
+            return names.normalize_device(device)
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
             return names.normalize_device(tensor.device)

@@ -158,6 +158,20 @@ def _layer_types(text: Any, count: int, model_type: str, notes: list[str]) -> li
     return layer_types
 
 
+def decoder_layer_types(config: Any) -> list[str]:
+    """Each decoder layer's type as the cache sees it ("full_attention", "sliding_attention", "dummy", ...)."""
+    text = text_config(config)
+    model_type = str(_get(text, "model_type", "") or _get(config, "model_type", "") or "unknown")
+    declared = _get(text, "layer_types") or _get(text, "layers_block_type")
+    count = _get(text, "num_hidden_layers") or (len(declared) if declared else 0)
+    return _layer_types(text, int(count), model_type, []) if count else []
+
+
+def has_sliding_layers(config: Any) -> bool:
+    """Do some decoder layers keep only a window (or chunk) of the cache?"""
+    return any(kind in _SLIDING_TYPES or _HYBRID_TYPES.get(kind) == SLIDING for kind in decoder_layer_types(config))
+
+
 def cache_dtype(dtype: Any, config: Any = None) -> tuple[str, int, str | None]:
     """(name, bytes per element, note) for a torch dtype, its name, or "auto" (the config's)."""
     import torch

@@ -110,7 +110,7 @@ def render_load_report(report) -> Group:
             if item.name == placement.name
         ]
     for headroom in report.headroom:
-        parts.append(Text(f"Generation headroom: {headroom}", style="bold"))
+        parts.append(Text(headroom.line, style="bold"))
     parts.append(kept_table(report.kept))
     parts.append(memory_table(report.memory_before, report.memory_after))
     if report.load_failure:

@@ -48,11 +48,11 @@ def _free_line(explanation: OOMExplanation) -> str:
 
 
 def _headroom_line(headroom: Headroom) -> str:
-    """'Generation headroom of model (bfloat16): KV cache 128 KiB/token on cuda:0: ~61,000 tokens fit at batch 1'."""
-    dtype = f" ({headroom.dtype})" if headroom.dtype else ""
-    line = f"Generation headroom of {headroom.name}{dtype}: {headroom.summary}"
-    unknown = any(fit.tokens is None and not fit.unlimited for fit in headroom.fits)
-    why = [note for note in headroom.notes if note not in headroom.summary]
+    """'Generation headroom of model (bfloat16, sdpa): the input that failed (batch 1 x 6,412 tokens, +256 new)
+    needs 3.1 GiB more on cuda:0 than is free now; prompts up to 4,096 tokens fit'."""
+    line = headroom.line
+    unknown = headroom.generation is None or headroom.generation.max_prompt_tokens is None
+    why = [note for note in (headroom.generation.notes if headroom.generation else headroom.notes) if note not in line]
     return line + (f" ({why[0]})" if unknown and why else "")
 
 
