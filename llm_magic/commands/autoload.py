@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+# The values `--dtype` and `--device-map` take, in the magic's help and in the README (a test
+# checks that the README lists these). The first is the default. --device-map also takes any
+# other device string transformers accepts (cuda:1, mps, ...).
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+DEVICE_MAP_CHOICES = ("auto", "sequential", "cpu", "cuda:0", "none")
+
 
 def parse_dtype(name: str) -> Any:
     """'auto' stays 'auto'; 'bfloat16'/'bf16'/'torch.float16' become torch dtypes."""
@@ -15,7 +21,7 @@ def parse_dtype(name: str) -> Any:
         return "auto"
     dtype = getattr(torch, aliases.get(name, name), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} (use auto, bfloat16, float16 or float32)")
+        raise ValueError(f"unknown dtype {name!r} (use {', '.join(DTYPE_CHOICES[:-1])} or {DTYPE_CHOICES[-1]})")
     return dtype
 
 

@@ -61,6 +61,7 @@ class LoadReport:
     warnings: tuple[str, ...] = ()
     error: str | None = None  # the body's exception, one line
     dry_run: bool = False
+    magic: str = "%%llmload"  # as the user typed it: "%llmload" for the line form (the report's heading)
 
     def to_dict(self) -> dict:
         return {

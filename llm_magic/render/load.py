@@ -8,7 +8,15 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from llm_magic.render.core import DIM, HEADING, WARN, new_table, stack, warnings_panel
+from llm_magic.render.core import (
+    DIM,
+    HEADING,
+    WARN,
+    Clauses,
+    new_table,
+    stack,
+    warnings_panel,
+)
 from llm_magic.render.release import released_table
 from llm_magic.units import device_sort_key, format_by_device, format_bytes
 
@@ -90,7 +98,7 @@ def _predicted_for(report, name: str) -> dict[str, int] | None:
 
 def render_load_report(report) -> Group:
     parts: list[Any] = []
-    heading = f"%%llmload {report.model_name}" + ("  (dry run: nothing released, nothing loaded)" if report.dry_run else "")
+    heading = f"{report.magic} {report.model_name}" + ("  (dry run: nothing released, nothing loaded)" if report.dry_run else "")
     parts.append(Text(heading, style=HEADING))
     parts.append(warnings_panel(report.warnings))
     parts.append(released_table(report.released))
@@ -99,7 +107,7 @@ def render_load_report(report) -> Group:
     for placement in report.models:
         parts.append(placement_table(placement, _predicted_for(report, placement.name)))
     for headroom in report.headroom:
-        parts.append(Text(f"Generation headroom: {headroom}", style="bold"))
+        parts.append(Clauses(f"Generation headroom: {headroom}", style="bold"))
     parts.append(kept_table(report.kept))
     parts.append(memory_table(report.memory_before, report.memory_after))
     if report.error:
