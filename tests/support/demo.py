@@ -244,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for notebook, html in written:
+    for notebook, page in written:
         print(f"Executed notebook: {notebook.resolve()}")
-        print(f"HTML export:       {html.resolve()}  (open it in a browser)")
+        print(f"HTML export:       {page.resolve()}  (open it in a browser)")
     return 0
 
 
