@@ -159,7 +159,7 @@ def test_load_report_with_disk_offload_as_html(shell, tiny_model, tmp_path):
         shell,
         f"%%llmload {tiny_model} -o\n"
         "model = AutoModelForCausalLM.from_pretrained(MODEL_NAME, device_map='auto', "
-        f"max_memory={{'cpu': 100_000}}, offload_folder={str(tmp_path / 'off')!r})\n",
+        f"max_memory={{'cpu': 300_000}}, offload_folder={str(tmp_path / 'off')!r})\n",
     )
     bundle = report._repr_mimebundle_()
     tree = Tree(bundle["text/html"])
