@@ -2,9 +2,10 @@
 
     python benchmarks/seed_reload.py [--rounds 3] [--write] [--verbose]
 
-Each round runs the assignment cell through a real `InteractiveShell.run_cell`, first as a plain
-re-run (the old model is still bound to `model` while the new one is built), then under
-`%%llmload` (the old model is released first). After each round it measures where the model's
+Each round runs the assignment cell through a real `InteractiveShell.run_cell`, in three modes:
+a plain re-run with guard mode off (the old model is still bound to `model` while the new one is
+built), the same cell under `%%llmload` (the old model is released first), and the plain cell with
+the extension loaded as it is by default (guard mode releases the old model before the cell). After each round it measures where the model's
 bytes are (llm_magic.measure.placement.model_placement: parameters, buffers and offload hooks, since
 transformers 5 sets `hf_device_map` only for multi-device maps) and how long the cell took.
 
@@ -23,7 +24,8 @@ Memory is made scarce on purpose, so that the model fits once but not twice:
     threshold so that freed tensors go back to the OS, as freed CUDA memory goes back to
     PyTorch's cache (which transformers counts as free).
 
-Expected: the plain re-run lands on cpu/disk from round 2; `%%llmload` stays on the best device.
+Expected: the plain re-run lands on cpu/disk from round 2; `%%llmload` and the guarded plain cell
+stay on the best device.
 The ballast leaves little memory on purpose: run it on a quiet machine. Nothing is written into
 the repository unless --write, which appends the table to benchmarks/RESULTS.md.
 """
@@ -74,7 +76,7 @@ LLMLOAD_CELL = (
 
 @dataclass(frozen=True)
 class Round:
-    mode: str  # "plain re-run" or "%%llmload"
+    mode: str  # "plain re-run", "%%llmload" or "plain cell, extension loaded (guard)"
     number: int
     seconds: float
     free_before: int  # bytes free on the best device (GPU) or available RAM (CPU) before the cell
@@ -338,8 +340,11 @@ def main(argv=None) -> int:
               f"{'' if pinned or on_gpu() else ' (glibc mallopt unavailable: freed RAM may not count)'}...", flush=True)
         ballast = Ballast(keep_free)
         try:
+            shell.run_line_magic("llmguard", "off")
             rounds = run_mode(shell, "plain re-run", PLAIN_CELL, args.rounds, args.verbose, ballast)
             rounds += run_mode(shell, "%%llmload", LLMLOAD_CELL, args.rounds, args.verbose, ballast)
+            shell.run_line_magic("llmguard", "on")
+            rounds += run_mode(shell, "plain cell, extension loaded (guard)", PLAIN_CELL, args.rounds, args.verbose, ballast)
         finally:
             ballast.release()
 

@@ -9,8 +9,8 @@ def format_bytes(count: int | None) -> str:
         return "unknown"
     sign = "-" if count < 0 else ""
     value = float(abs(count))
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
             break
         value /= 1024
     return f"{sign}{int(value)} B" if unit == "B" else f"{sign}{value:.3g} {unit}"

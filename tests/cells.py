@@ -20,3 +20,14 @@ def ok(shell, code):
     result, captured = run(shell, code)
     assert result.success, captured.stdout + captured.stderr
     return result.result
+
+
+def namespace_ids(shell) -> dict[str, int]:
+    """Each user-namespace name and the id of its value: compare two to see what a cell changed."""
+    return {name: id(value) for name, value in shell.user_ns.items()}
+
+
+def changed_names(before: dict[str, int], after: dict[str, int]) -> set[str]:
+    """Names added, removed or rebound between two `namespace_ids`, less IPython's bookkeeping."""
+    changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+    return {name for name in changed if not name.startswith("_") and name not in ("In", "Out")}

@@ -37,6 +37,8 @@ def step(error):
     raise error
 """
 
+FAILING_STEP_NATIVE = FAILING_STEP.replace("    raise error", "    torch.empty(1 << 50, dtype=torch.uint8)")
+
 
 def _fresh_shell(kind):
     """A fresh shell of class `kind` without the extension, torn down after the test."""
@@ -100,9 +102,12 @@ def setup(shell, code):
     assert result.success, output[-2000:]
 
 
-def fail_in_step(shell, error_code: str):
-    """Define `step`, then call it with the error `error_code` builds; return result and output."""
-    setup(shell, FAILING_STEP)
+def fail_in_step(shell, error_code: str, *, native: bool = False):
+    """Define `step`, then call it with the error `error_code` builds; return result and output.
+
+    native: `step` fails the way an allocator does instead, in C++ (a 1 PiB CPU allocation).
+    """
+    setup(shell, FAILING_STEP_NATIVE if native else FAILING_STEP)
     shell.user_ns["OOM_TEXT"] = OOM_TEXT
     result, output = run(shell, f"step({error_code})")
     gc.collect()
@@ -128,12 +133,29 @@ def test_oom_frees_the_frames_tensor_and_explains_below_the_traceback(bare_shell
     assert explanation.to_dict()["released"]["freed"] == ["frame `step()`, local `activations`"]
 
 
-def test_runtime_error_saying_out_of_memory_triggers(bare_shell, rescue):
-    result, output, probe = fail_in_step(bare_shell, "RuntimeError('CUDA error: out of memory')")
+def test_native_allocator_runtime_error_triggers(bare_shell, rescue):
+    # A real allocator failure: PyTorch's CPU allocator raises a plain RuntimeError from C++.
+    result, output, probe = fail_in_step(bare_shell, "None", native=True)
     assert probe() is None
     assert type(result.error_in_exec) is RuntimeError
-    assert "Out of memory (RuntimeError: CUDA error: out of memory); the message gives no sizes." in output
+    assert "Out of memory on cpu: tried to allocate 1 PiB" in output
     assert "Freed now: 47.7 MiB cpu" in output
+    assert "so %debug will not see them" in output and "LLMMagic.oom_rescue = False" in output
+
+
+@pytest.mark.parametrize(
+    "error_code",
+    [
+        "RuntimeError('cache ran out of memory')",
+        "RuntimeError('CUDA error: out of memory')",  # the allocator's words, raised by user code
+        "RuntimeError(OOM_TEXT)",
+    ],
+)
+def test_user_runtime_errors_that_mention_memory_keep_their_frames(bare_shell, rescue, error_code):
+    result, output, probe = fail_in_step(bare_shell, error_code)
+    assert probe() is not None, "the rescue cleared the frames of a user's own error"
+    assert HEADING not in output and "Freed now" not in output
+    assert rescue.last_explanation is None
 
 
 def test_oom_in_the_cause_chain_triggers(bare_shell, rescue):
@@ -346,7 +368,8 @@ def test_unload_restores_post_run_cell_callbacks(shell):
     shell.run_line_magic("unload_ext", "llm_magic")
     before = list(shell.events.callbacks["post_run_cell"])
     shell.run_line_magic("load_ext", "llm_magic")
-    assert len(shell.events.callbacks["post_run_cell"]) == len(before) + 1
+    # The OOM rescue, and guard mode's after-cell placement line.
+    assert len(shell.events.callbacks["post_run_cell"]) == len(before) + 2
     shell.run_line_magic("unload_ext", "llm_magic")
     assert shell.events.callbacks["post_run_cell"] == before
 

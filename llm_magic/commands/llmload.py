@@ -8,21 +8,29 @@
 
 from __future__ import annotations
 
-import ast
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from llm_magic.cell import body
 from llm_magic.commands import autoload
-from llm_magic.commands.load_report import Holder, LoadReport, PredictedLoad
+from llm_magic.commands.cell_plan import (
+    bound_models,
+    read_cell,
+    release_targets,
+    run_body,
+)
+from llm_magic.commands.load_report import (
+    Holder,
+    LoadReport,
+    PredictedLoad,
+    SharedWeights,
+)
 from llm_magic.engine.paths import (
     TargetPath,
     Unresolvable,
     parse_target,
     resolve,
-    unbinder,
 )
-from llm_magic.engine.release import Binding, ReleaseResult, Target, release
+from llm_magic.engine.release import ReleaseResult, Target, release
 from llm_magic.engine.tensors import (
     Footprint,
     find_tensor_holders,
@@ -56,24 +64,22 @@ class LoadOutcome:
     value: Any = None  # the body's trailing expression, shown like %%time shows it
 
 
-class LoadRefused(Exception):
-    """A check before the release failed; nothing was changed."""
-
-
 def _is_empty(source: str) -> bool:
     return not any(line.strip() and not line.strip().startswith("#") for line in source.splitlines())
 
 
 @dataclass
 class BodyPlan:
-    targets: list[TargetPath]  # what the run will assign
+    targets: tuple[TargetPath, ...]  # what the run will assign
+    read_first: tuple[TargetPath, ...]  # of those, the ones the body reads first: never released
     run: Callable[[], Any]  # runs the body (or the default loader)
-    load_calls: list  # callspec.LoadCall for each model `from_pretrained` in it
+    load_calls: tuple  # predict.calls.LoadCall for each model `from_pretrained` in it
+    reads_name: Callable[[str], bool] = lambda name: False  # does the body read this name first?
 
 
 def plan_body(shell, options: LoadOptions, cell: str | None) -> BodyPlan:
     """Read the body (or the options of the default loader). Raises before any change."""
-    from llm_magic.predict.calls import find_load_calls, load_call
+    from llm_magic.predict.calls import load_call
 
     if cell is None or _is_empty(cell):
         targets = [parse_target(options.model_var)]
@@ -85,24 +91,17 @@ def plan_body(shell, options: LoadOptions, cell: str | None) -> BodyPlan:
         if device_map is not None:
             arguments["device_map"] = device_map
         call = load_call(options.model_name, "AutoModelForCausalLM", **arguments)
-        return BodyPlan(targets, lambda: _run_default_loader(shell, options, dtype, device_map), [call])
-    source = shell.transform_cell(cell)
-    tree = body.parse_body(source)
+        return BodyPlan(tuple(targets), (), lambda: _run_default_loader(shell, options, dtype, device_map), (call,))
     # MODEL_NAME is bound only once the release is done; the prediction needs it now.
     namespace = {**shell.user_ns, "MODEL_NAME": options.model_name}
-    calls = [call for call in find_load_calls(source, namespace) if call.is_model]
-    return BodyPlan(body.assignment_targets(tree), lambda: _run_body(shell, source, tree), calls)
-
-
-def _run_body(shell, source: str, tree: ast.Module) -> Any:
-    # Compiled under a name IPython caches, so tracebacks show the body's lines.
-    filename = shell.compile.cache(source, shell.execution_count)
-    statements, trailing = body.last_expression(tree)
-    flags = shell.compile.flags
-    exec(compile(statements, filename, "exec", flags=flags, dont_inherit=True), shell.user_global_ns, shell.user_ns)
-    if trailing is not None:
-        return eval(compile(trailing, filename, "eval", flags=flags, dont_inherit=True), shell.user_global_ns, shell.user_ns)
-    return None
+    plan = read_cell(shell.transform_cell(cell), namespace)
+    return BodyPlan(
+        plan.targets,
+        plan.read_first,
+        lambda: run_body(shell, plan),
+        plan.load_calls,
+        lambda name: plan.reads.before_binding(TargetPath(name)),
+    )
 
 
 def _run_default_loader(shell, options: LoadOptions, dtype: Any, device_map: Any) -> None:
@@ -119,46 +118,27 @@ def _run_default_loader(shell, options: LoadOptions, dtype: Any, device_map: Any
     )
 
 
-def collect_targets(shell, paths: list[TargetPath], *, release_all: bool = False) -> list[Target]:
-    """The current values at `paths` that hold tensors (and, with release_all, every tensor
-    holder the user can see), as release targets.
-
-    An object under several targets (`model`, `box.model`) is one release with all of its
-    bindings dropped.
-    """
-    namespace = shell.user_ns
-    candidates = list(paths)
+def collect_targets(shell, plan: BodyPlan, *, release_all: bool = False) -> list[Target]:
+    """The current values the body replaces that hold tensors (and, with release_all, every
+    tensor holder the user can see that the body does not read first), as release targets."""
+    extra = []
     if release_all:
-        candidates += [TargetPath(name) for name, _ in shell_state.visible_names(shell)]
-    grouped: dict[int, tuple[str, Any, list[Binding]]] = {}
-    for path in candidates:
+        extra = [name for name, _ in shell_state.visible_names(shell) if not plan.reads_name(name)]
+    replaced = [path for path in plan.targets if path not in plan.read_first]
+    return release_targets(shell.user_ns, replaced, extra)
+
+
+def _kept_for_reads(shell, plan: BodyPlan) -> tuple[str, ...]:
+    """The targets kept because the body reads them first, when they hold something."""
+    kept = []
+    for path in plan.read_first:
         try:
-            value = resolve(path, namespace)
+            value = resolve(path, shell.user_ns)
         except Unresolvable:
             continue
-        if id(value) not in grouped:
-            if not holds_tensors(value):
-                continue
-            grouped[id(value)] = (path.text, value, [])
-        binding = Binding(path.text, unbinder(path, namespace))
-        if all(b.label != binding.label for b in grouped[id(value)][2]):
-            grouped[id(value)][2].append(binding)
-    return [Target(label, value, tuple(bindings)) for label, value, bindings in grouped.values()]
-
-
-def bound_models(shell, paths: list[TargetPath]) -> list[tuple[str, Any]]:
-    """(name, model) for each target that now holds a torch model (pipelines: their .model)."""
-    from llm_magic.measure.placement import find_model
-
-    found: list[tuple[str, Any]] = []
-    for path in paths:
-        try:
-            model = find_model(resolve(path, shell.user_ns))
-        except Unresolvable:
-            continue
-        if model is not None and all(model is not other for _, other in found):
-            found.append((path.text, model))
-    return found
+        if holds_tensors(value):
+            kept.append(path.text)
+    return tuple(kept)
 
 
 def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> tuple[Holder, ...]:
@@ -221,7 +201,8 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
 
     plan = plan_body(shell, options, cell)
     memory_before = memory_snapshot()
-    targets = collect_targets(shell, plan.targets, release_all=options.release_all)
+    targets = collect_targets(shell, plan, release_all=options.release_all)
+    kept_for_reads = _kept_for_reads(shell, plan)
     predictions = _predict(plan.load_calls, targets, memory_before)
     hidden, naming = shell_state.hidden_refs(shell), lambda: shell_state.naming_roots(shell)
 
@@ -233,7 +214,10 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     if options.dry_run:
         released = release(targets, hidden, naming, dry_run=True)
         warnings = [w for p in predictions for w in _prediction_warnings(p)]
-        report = LoadReport(options.model_name, released, predictions=predictions, memory_before=memory_before, warnings=tuple(warnings), dry_run=True)
+        report = LoadReport(
+            options.model_name, released, predictions=predictions, memory_before=memory_before, warnings=tuple(warnings),
+            kept_for_reads=kept_for_reads, dry_run=True,
+        )
         return LoadOutcome(report)
 
     released = release(targets, hidden, naming)
@@ -248,15 +232,18 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
             error = _without_own_frames(exc)
 
     memory_after = memory_snapshot()
-    models = bound_models(shell, plan.targets)
+    models = bound_models(shell.user_ns, plan.targets)
     placements = tuple(model_placement(model, name) for name, model in models)
+    shared = _shared_weights(models)
     headroom = tuple(generation_headroom(model, name, memory_after, batch=options.batch) for name, model in models)
     kept = kept_holders(shell, [model for _, model in models])
     del models
     report = LoadReport(
         model_name=options.model_name,
         released=released,
+        kept_for_reads=kept_for_reads,
         models=placements,
+        shared=shared,
         kept=kept,
         memory_before=memory_before,
         memory_after=memory_after,
@@ -266,6 +253,19 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
         error=None if error is None else f"{type(error).__name__}: {error}".splitlines()[0][:300],
     )
     return LoadOutcome(report, error, value)
+
+
+def _shared_weights(models: list[tuple[str, Any]]) -> tuple[SharedWeights, ...]:
+    """For each model, the storage it shares with one bound before it (a PEFT model and its base)."""
+    footprints = [(name, Footprint().add(model)) for name, model in models]
+    shared = []
+    for index, (name, footprint) in enumerate(footprints):
+        for other, earlier in footprints[:index]:
+            common = footprint.storage_keys & earlier.storage_keys
+            if common:
+                shared.append(SharedWeights(name, other, footprint.restricted_to(common).by_device()))
+                break
+    return tuple(shared)
 
 
 def _prediction_warnings(item: PredictedLoad) -> list[str]:
@@ -287,19 +287,11 @@ def _without_own_frames(error: BaseException) -> BaseException:
     """Start the traceback at the user's code: our orchestration frames are noise to them."""
     import os
 
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # all of llm_magic
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(package):
         tb = tb.tb_next
     return error.with_traceback(tb)
-
-
-def _accelerator_present() -> bool:
-    from llm_magic.engine.tensors import loaded_torch
-
-    torch = loaded_torch()
-    # is_available() asks the driver without creating a context.
-    return bool(torch is not None and torch.cuda.is_available())
 
 
 def _warnings(released: ReleaseResult, placements) -> list[str]:
@@ -307,7 +299,9 @@ def _warnings(released: ReleaseResult, placements) -> list[str]:
     for item in released.released:
         if not item.freed:
             warnings.append(f"{item.label} was not freed: still held by {'; '.join(item.held_by)}")
-    accelerator = _accelerator_present()
+    from llm_magic.measure.machine import accelerator_present
+
+    accelerator = accelerator_present()
     for placement in placements:
         message = placement.slow_tier_warning(accelerator)
         if message:

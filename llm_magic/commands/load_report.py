@@ -49,10 +49,24 @@ class PredictedLoad:
 
 
 @dataclass(frozen=True)
+class SharedWeights:
+    """Two models the cell bound share storage (a PEFT model and its base): counted once."""
+
+    name: str
+    shared_with: str
+    bytes_by_device: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shared_with": self.shared_with, "bytes_by_device": dict(self.bytes_by_device)}
+
+
+@dataclass(frozen=True)
 class LoadReport:
     model_name: str
     released: ReleaseResult = field(default_factory=ReleaseResult)
+    kept_for_reads: tuple[str, ...] = ()  # targets not released: the body reads them before rebinding
     models: tuple = ()  # placement.ModelPlacement, one per model the body bound
+    shared: tuple[SharedWeights, ...] = ()  # storage a model shares with one listed before it
     kept: tuple[Holder, ...] = ()  # tensor holders still in the namespace, not replaced
     memory_before: Any = None  # devices.MemorySnapshot
     memory_after: Any = None
@@ -67,7 +81,9 @@ class LoadReport:
         return {
             "model_name": self.model_name,
             "released": _as_dict(self.released),
+            "kept_for_reads": list(self.kept_for_reads),
             "models": _as_dict(self.models),
+            "shared": _as_dict(self.shared),
             "kept": _as_dict(self.kept),
             "memory_before": _as_dict(self.memory_before),
             "memory_after": _as_dict(self.memory_after),

@@ -6,13 +6,22 @@ already loaded).
 
 from __future__ import annotations
 
+import dis
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from llm_magic.engine.tensors import loaded_torch
 
-OOM_TEXT = "out of memory"
+# What PyTorch's allocators (and the libraries they call) write when they run out, at the
+# start of the message or of one of its bracketed parts. Matched only on errors raised by
+# native code: a user's `RuntimeError("cache ran out of memory")` is not an OOM.
+_ALLOCATOR_MESSAGES = re.compile(
+    r"(?:^|\] |\. )(?:CUDA|HIP|XPU|MPS backend|MLU|NPU) out of memory"
+    r"|(?:^|\W)CUDA error: out of memory"
+    r"|DefaultCPUAllocator: (?:can't allocate memory|not enough memory)"
+    r"|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED",
+)
 
 
 def exception_chain(error: BaseException | None) -> list[BaseException]:
@@ -42,14 +51,43 @@ def error_message(error: BaseException) -> str:
 
 
 def is_oom(error: BaseException) -> bool:
-    """Is this exception itself an out-of-memory error from torch (by its real type)?"""
+    """Is this exception itself a device out-of-memory error?
+
+    `torch.OutOfMemoryError` (and its CUDA/XPU/MPS subclasses) by its real type; otherwise a
+    RuntimeError that native code raised (PyTorch's allocators, cuBLAS) with an allocator's
+    message. Judged by type() and by where it was raised, never by a substring alone.
+    """
     torch = loaded_torch()
     if torch is None:
         return False  # no torch, no torch OOM: nothing of ours to explain
     kind = type(error)  # not error.__class__, which an object can fake
     if issubclass(kind, _oom_types(torch)):
         return True
-    return issubclass(kind, RuntimeError) and OOM_TEXT in error_message(error).lower()
+    return (
+        issubclass(kind, RuntimeError)
+        and raised_by_native_code(error)
+        and _ALLOCATOR_MESSAGES.search(error_message(error)) is not None
+    )
+
+
+def raised_by_native_code(error: BaseException) -> bool:
+    """Did the innermost frame of the traceback call into C (torch) rather than `raise`?
+
+    A Python `raise` (or re-raise) leaves the frame stopped on its raise instruction; an error
+    from a C function leaves it on the call. A re-raise further up keeps the innermost entry.
+    """
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    try:
+        for instruction in dis.get_instructions(tb.tb_frame.f_code):
+            if instruction.offset == tb.tb_lasti:
+                return not instruction.opname.startswith(("RAISE", "RERAISE"))
+    except Exception:  # code objects we cannot disassemble: not provably native
+        return False
+    return False
 
 
 def find_oom(error: BaseException | None) -> BaseException | None:
@@ -104,6 +142,8 @@ def _device(text: str) -> str | None:
     index = re.search(r"(?:GPU|Device|MLU) (\d+)(?: has a total capacity|;)", text)
     if name == "mps":
         return "mps"
+    if "DefaultCPUAllocator" in text:
+        return "cpu"
     if index is not None:
         return f"{name or 'cuda'}:{index.group(1)}"
     return None
@@ -118,7 +158,7 @@ def parse_oom_message(text: str) -> OOMMessage:
         unallocated = max(reserved_total - allocated, 0)
     return OOMMessage(
         device=_device(text),
-        requested_bytes=_size(text, r"Tried to allocate SIZE"),
+        requested_bytes=_size(text, r"[Tt]ried to allocate SIZE"),
         total_bytes=_size(text, r"total capacity of SIZE", r"SIZE total capacity"),
         free_bytes=_size(text, r"of which SIZE ?is free", r"; SIZE free;"),
         allocated_bytes=allocated,

@@ -354,28 +354,6 @@ def stale_warning(copy: StaleCopy) -> str:
     )
 
 
-def placement_line(label: str, model: Any, accelerator_present: bool) -> str:
-    """`model (LlamaForCausalLM, 1.2 GiB): 28 modules cuda:0, 15 cpu ⚠ slower tier: cpu`."""
-    from llm_magic.measure.placement import model_placement
-
-    placement = model_placement(model, label)
-    rows = [row for row in placement.rows if row.modules or row.nbytes]
-    parts = [f"{row.modules} {'module' if row.modules == 1 else 'modules'} {row.device}" for row in rows[:1]]
-    parts += [f"{row.modules} {row.device}" for row in rows[1:]]
-    line = f"{label} ({placement.class_name}, {format_bytes(placement.total_bytes)}): {', '.join(parts) or 'no weights'}"
-    if placement.slow_tier_warning(accelerator_present):
-        line += " ⚠ slower tier: " + ", ".join(placement.offloaded_devices(accelerator_present))
-    return line
-
-
-def _accelerator_present(torch: Any) -> bool:
-    try:
-        # is_available() asks the driver without creating a context.
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
 # -- the watcher ----------------------------------------------------------------------------
 
 
@@ -442,9 +420,13 @@ class Watcher:
         tensor_dropped = dropped_but_alive(before.tensors, bindings.tensors)
         del models
         if appeared:
-            accelerator = _accelerator_present(torch)
+            from llm_magic.measure.machine import accelerator_present
+            from llm_magic.measure.placement import model_placement
+            from llm_magic.render.watch import placement_line
+
+            accelerator = accelerator_present()
             for label, model in appeared:
-                self.show(placement_line(label, model, accelerator))
+                self.show(placement_line(model_placement(model, label), accelerator))
         del appeared
 
         error = _last_exception(self.shell, result)

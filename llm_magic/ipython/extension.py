@@ -14,6 +14,7 @@ def load(shell) -> None:
     magics = LLMMagic(shell=shell)
     shell.register_magics(magics)  # also makes it a configurable: `%config LLMMagic.x = ...`
     magics.oom.register()
+    magics.guard_hooks.register()
     setattr(shell, _ATTR, magics)
 
 
@@ -23,6 +24,7 @@ def unload(shell) -> None:
         return
     magics.watcher.stop()
     magics.oom.unregister()
+    magics.guard_hooks.unregister()
     for kind, names in magics.magics.items():
         for name in names:
             shell.magics_manager.magics[kind].pop(name, None)

@@ -39,6 +39,10 @@ class LLMMagic(Magics):
 
     strict = Bool(False, help="Refuse a load predicted to put any module on a slower tier (cpu/disk).").tag(config=True)
     small_holder_bytes = Int(1 << 20, help="%gpustate leaves out holders smaller than this unless --all.").tag(config=True)
+    guard = Bool(
+        True,
+        help="Before a plain cell that loads a model into a name, release the model that name holds (and its hidden copies).",
+    ).tag(config=True)
     oom_rescue = Bool(
         True,
         help="After a cell fails with an out-of-memory error: free what only its traceback's frames hold, and explain.",
@@ -51,9 +55,11 @@ class LLMMagic(Magics):
         super().__init__(shell=shell, **kwargs)
         from llm_magic.commands.oom import OOMRescue
         from llm_magic.commands.watch import Watcher
+        from llm_magic.ipython.guard_hooks import Guard
 
         self.oom = OOMRescue(shell, enabled=lambda: self.oom_rescue)
         self.watcher = Watcher(shell)
+        self.guard_hooks = Guard(shell, enabled=lambda: self.guard, watching=lambda: self.watcher.active)
 
     @magic_arguments()
     @argument("model_name", nargs="?", help="Model id or local path; bound as MODEL_NAME for the body.")
@@ -181,3 +187,15 @@ class LLMMagic(Magics):
         elif choice:
             raise UsageError("%llmwatch on|off")
         print(f"%llmwatch is {'on' if self.watcher.active else 'off'}")
+
+    @line_magic
+    def llmguard(self, line: str):
+        """%llmguard on|off: before a plain cell that loads a model into a name (`model =
+        AutoModelForCausalLM.from_pretrained(...)`), release the model that name holds and its
+        hidden copies, by the rules of %%llmload. On by default; also `%config LLMMagic.guard`."""
+        choice = line.strip().lower()
+        if choice in ("on", "off"):
+            self.guard = choice == "on"
+        elif choice:
+            raise UsageError("%llmguard on|off")
+        print(f"%llmguard is {'on' if self.guard else 'off'}")

@@ -439,11 +439,27 @@ def _assignment_targets(tree: ast.AST, source: str) -> dict[int, str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign):
             targets[id(node.value)] = " = ".join(_target_text(t, source) for t in node.targets)
+            for target in node.targets:  # `draft, model = (A.from_pretrained(..), B.from_pretrained(..))`
+                for element, value in _paired(target, node.value):
+                    targets[id(value)] = _target_text(element, source)
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
             targets[id(node.value)] = _target_text(node.target, source)
         elif isinstance(node, ast.NamedExpr):
             targets[id(node.value)] = _target_text(node.target, source)
     return targets
+
+
+def _paired(target: ast.AST, value: ast.AST) -> list[tuple[ast.AST, ast.AST]]:
+    """(target element, value element) when both sides are tuples or lists of the same length."""
+    sequences = (ast.Tuple, ast.List)
+    if not (isinstance(target, sequences) and isinstance(value, sequences)) or len(target.elts) != len(value.elts):
+        return []
+    if any(isinstance(node, ast.Starred) for node in (*target.elts, *value.elts)):
+        return []
+    pairs = []
+    for element, item in zip(target.elts, value.elts):
+        pairs += _paired(element, item) or [(element, item)]
+    return pairs
 
 
 def _outermost_chain(call: ast.Call, parents: dict[int, ast.AST]) -> tuple[ast.AST, tuple[str, ...]]:

@@ -102,10 +102,16 @@ def render_load_report(report) -> Group:
     parts.append(Text(heading, style=HEADING))
     parts.append(warnings_panel(report.warnings))
     parts.append(released_table(report.released))
+    parts += [Text(f"kept `{name}`: the cell reads it before rebinding it", style=DIM) for name in report.kept_for_reads]
     if report.dry_run:
         parts.extend(prediction_table(item) for item in report.predictions)
     for placement in report.models:
         parts.append(placement_table(placement, _predicted_for(report, placement.name)))
+        parts += [
+            Text(f"{item.name} shares {format_by_device(item.bytes_by_device)} with {item.shared_with}: the same weights, counted once in memory", style=DIM)
+            for item in report.shared
+            if item.name == placement.name
+        ]
     for headroom in report.headroom:
         parts.append(Clauses(f"Generation headroom: {headroom}", style="bold"))
     parts.append(kept_table(report.kept))

@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from llm_magic.commands.oom import FrameRelease, OOMExplanation
     from llm_magic.measure.headroom import Headroom
 
+DEBUG_NOTE = (
+    "The failing frames' locals were freed, so %debug will not see them; "
+    "to keep them next time: %config LLMMagic.oom_rescue = False"
+)
+
+
 def _failure_line(explanation: OOMExplanation) -> str:
     message = explanation.message
     where = f" on {explanation.device}" if explanation.device else ""
@@ -72,6 +78,7 @@ def render_oom(explanation: OOMExplanation):
     released = explanation.released
     parts: list[Any] = [Text(_failure_line(explanation), style=WARN)]
     parts.append(Text(_released_line(released), style=OK if released.freed_bytes else DIM))
+    parts.append(Text(DEBUG_NOTE, style=DIM))
     parts += [Text(f"Not freed: {label}, still held by {'; '.join(held_by)}", style=WARN) for label, held_by in released.kept]
     parts.append(Text(_free_line(explanation)))
     parts.append(_holders_table(explanation) if explanation.holders else None)
