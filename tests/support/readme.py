@@ -24,6 +24,7 @@ from the day it is added.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import sys
@@ -127,6 +128,8 @@ def run_session(readme_blocks: list[Block], model_path: str | Path, workdir: str
         if "llm_magic" in shell.extension_manager.loaded:
             shell.run_line_magic("unload_ext", "llm_magic")
         shell.reset(new_session=False)
+        atexit.unregister(shell.atexit_operations)  # reset already (see tests/conftest.py)
+        shell.history_manager.end_session()
         InteractiveShell.clear_instance()
     return results
 
