@@ -22,6 +22,8 @@ from pathlib import Path
 # tests/support holds the tiny-model builder the benchmarks share with the tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from busy_heap import NAMES  # noqa: E402 - benchmarks/ is on the path when run
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
@@ -35,21 +37,7 @@ def build_shell(model_path: str):
     shell.run_cell("from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(_path)")
     shell.run_cell("import torch\nopt = torch.optim.SGD(model.parameters(), lr=0.1)")
     shell.run_cell("model", store_history=True)
-    # 10,000 user variables of mixed kinds, a few holding small tensors.
-    for index in range(10_000):
-        kind = index % 5
-        if kind == 0:
-            value = index
-        elif kind == 1:
-            value = f"text {index}"
-        elif kind == 2:
-            value = [index, index + 1, {"k": index}]
-        elif kind == 3:
-            value = {"a": [index], "b": (index,)}
-        else:
-            value = type("Obj", (), {})()
-            value.payload = [index] * 3
-        shell.user_ns[f"var_{index}"] = value
+    shell.run_cell(NAMES)  # 10,000 user variables of mixed kinds
     return shell
 
 

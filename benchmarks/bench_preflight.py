@@ -4,20 +4,26 @@ Run on demand (not a test), in each environment:
 
     python benchmarks/bench_preflight.py
 
-1. Llama-70B's published shape (hidden 8192, 80 layers, 64 heads, 8 KV heads, intermediate
-   28672, vocab 128256), config only: time of a cold and a warm `predict`, and the growth of the
-   process's peak RSS (141 GB of bf16 weights would show; the meta device allocates none).
-2. Tiny checkpoints of several architectures, loaded for real: predicted vs loaded bytes, and
+1. Cold start: the 70B pre-flight in fresh interpreters (nothing imported), median of several
+   runs, split into the imports any `from_pretrained` of that model pays anyway (torch,
+   transformers' Auto classes and the model's modeling module) and what the pre-flight adds;
+   with the largest imports listed (`-X importtime`).
+2. Llama-70B's published shape (hidden 8192, 80 layers, 64 heads, 8 KV heads, intermediate
+   28672, vocab 128256), config only: time of a first and a warm `predict` in one process, and the
+   growth of the process's peak RSS (141 GB of bf16 weights would show; the meta device allocates none).
+3. Tiny checkpoints of several architectures, loaded for real: predicted vs loaded bytes, and
    predicted vs real `hf_device_map` under a `max_memory` that forces a cpu/disk split.
-Prints markdown tables.
+Prints markdown tables. `--cold-only` runs part 1 alone.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,15 +45,58 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_70b(rows: list[list[str]]) -> None:
-    from transformers import AutoConfig
+# Run in a fresh interpreter: the pre-flight of the 70B config, nothing imported before. With
+# PRELOAD, first what the load itself imports (its cost is timed apart).
+COLD = """
+import json, os, sys, time
+started = time.perf_counter()
+if {preload}:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained({folder!r})
+    AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module
+loaded = time.perf_counter()
+from llm_magic.predict.calls import load_call
+from llm_magic.predict.preflight import predict
+prediction = predict(load_call({folder!r}, device_map="auto"), {{"cuda:0": 80 << 30, "cpu": 120 << 30}})
+done = time.perf_counter()
+assert prediction.status == "ok", prediction.notes
+print(json.dumps({{"load_imports": loaded - started, "preflight": done - loaded}}))
+"""
 
+
+def fresh(code: str, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True, env=env, check=True)
+
+
+def bench_cold(folder: str, runs: int = 5) -> tuple[list[list[str]], list[tuple[str, float]]]:
+    """Rows: cold pre-flight alone, and after the load's own imports (median of `runs` each);
+    plus the largest top-level imports of a cold pre-flight."""
+    rows = []
+    for label, preload in (("pre-flight first, nothing imported", False),
+                           ("after the imports the load itself needs", True)):
+        figures = [json.loads(fresh(COLD.format(folder=folder, preload=preload)).stdout.strip().splitlines()[-1])
+                   for _ in range(runs)]
+        imports = statistics.median(f["load_imports"] for f in figures)
+        own = statistics.median(f["preflight"] for f in figures)
+        total = statistics.median(f["load_imports"] + f["preflight"] for f in figures)
+        spread = ", ".join(f"{f['load_imports'] + f['preflight']:.2f}" for f in figures)
+        rows.append([label, f"{total:.2f}", f"{imports:.2f}" if preload else "-", f"{own:.2f}", spread])
+    trace = fresh(COLD.format(folder=folder, preload=False), "-X", "importtime").stderr
+    top: dict[str, float] = {}
+    for line in trace.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit() and not parts[2].startswith("  "):
+            top[parts[2].strip()] = int(parts[1]) / 1e6  # cumulative, top-level imports only
+    return rows, sorted(top.items(), key=lambda item: -item[1])[:8]
+
+
+def bench_70b(rows: list[list[str]]) -> None:
     from llm_magic.predict.calls import load_call
     from llm_magic.predict.preflight import predict
 
-    folder = tempfile.mkdtemp(prefix="llama70b-")
-    AutoConfig.for_model("llama", torch_dtype="bfloat16", architectures=["LlamaForCausalLM"],
-                         **LLAMA_70B).save_pretrained(folder)
+    folder = llama_70b_folder()
     scenarios = [
         ("cpu only, 64 GiB free", {"cpu": 64 * GIB}, {}),
         ("H100 80 GiB + 120 GiB cpu", {"cuda:0": 80 * GIB, "cpu": 120 * GIB}, {}),
@@ -76,7 +125,7 @@ def bench_70b(rows: list[list[str]]) -> None:
 def real_load(path: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    from llm_magic.predict.preflight import normalize_device_map
+    from llm_magic.names import normalize_device_map
 
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     device_map = getattr(model, "hf_device_map", None)
@@ -123,18 +172,38 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def llama_70b_folder() -> str:
+    from transformers import AutoConfig
+
+    folder = tempfile.mkdtemp(prefix="llama70b-")
+    AutoConfig.for_model("llama", torch_dtype="bfloat16", architectures=["LlamaForCausalLM"],
+                         **LLAMA_70B).save_pretrained(folder)
+    return folder
+
+
 def main() -> None:
+    import platform
+
+    import accelerate
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} cpus\n")
+    print(f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cpus, load average "
+          f"{os.getloadavg()[0]:.1f}; transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
+          f"torch {torch.__version__}, python {sys.version.split()[0]}\n")
+    cold_rows, imports = bench_cold(llama_70b_folder())
+    print("### Cold pre-flight of the 70B config (fresh interpreters, median of 5)\n")
+    print(table(["run", "total s", "load's own imports s", "pre-flight s", "each run, total s"], cold_rows))
+    print("\nLargest top-level imports of a cold pre-flight (cumulative s): "
+          + ", ".join(f"{name} {seconds:.2f}" for name, seconds in imports))
+    if "--cold-only" in sys.argv:
+        return
     rows: list[list[str]] = []
     bench_70b(rows)
-    print("### Llama-70B shape (config only, meta device)\n")
+    print("\n### Llama-70B shape (config only, meta device, one process)\n")
     print(table(["budget", "dtype", "total GiB", "GiB per device", "missing on best device",
-                 "cold s", "warm s", "peak RSS growth MiB"], rows))
+                 "first s", "warm s", "peak RSS growth MiB"], rows))
     rows = []
     bench_tiny(rows)
     print("\n### Tiny checkpoints loaded for real\n")

@@ -1,6 +1,8 @@
-"""Byte counts as people read them. No dependencies: data modules and renderers share it."""
+"""Byte counts as people read them. No heavy dependencies: data modules and renderers share it."""
 
 from __future__ import annotations
+
+from llm_magic.names import device_sort_key
 
 
 def format_bytes(count: int | None) -> str:
@@ -14,16 +16,6 @@ def format_bytes(count: int | None) -> str:
             break
         value /= 1024
     return f"{sign}{int(value)} B" if unit == "B" else f"{sign}{value:.3g} {unit}"
-
-
-DEVICE_ORDER = ("cuda", "mps", "xpu", "cpu", "disk", "meta")
-
-
-def device_sort_key(device: str) -> tuple:
-    """Accelerators by index, then cpu, then disk: fastest tier first."""
-    kind, _, index = device.partition(":")
-    rank = DEVICE_ORDER.index(kind) if kind in DEVICE_ORDER else len(DEVICE_ORDER)
-    return (rank, int(index) if index.isdigit() else 0, device)
 
 
 def format_by_device(bytes_by_device: dict[str, int]) -> str:

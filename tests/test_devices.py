@@ -19,11 +19,13 @@ from llm_magic.measure.memory import (
     DeviceMemory,
     MemorySnapshot,
     _with_gpu_processes,
+    memory_snapshot,
+)
+from llm_magic.predict.budget import (
     autoload_budget,
     free_after_release,
     loader_budget,
     loader_max_memory,
-    memory_snapshot,
 )
 
 MiB = 2**20
@@ -80,7 +82,8 @@ def test_snapshot_does_not_initialise_cuda():
         """
         import json
         import torch
-        from llm_magic.measure.memory import memory_snapshot, autoload_budget
+        from llm_magic.measure.memory import memory_snapshot
+        from llm_magic.predict.budget import autoload_budget
         snapshot = memory_snapshot()
         budget = autoload_budget(snapshot)
         print(json.dumps({

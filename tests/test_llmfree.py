@@ -110,3 +110,26 @@ def test_unparseable_names(shell, tiny_model, line):
         shell.run_cell(f"%llmfree {line}")
     assert ref() is shell.user_ns["model"]
     assert "Traceback" not in captured.stdout + captured.stderr
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("d['x']", "d has no key 'x'"),
+        ("d.x", "d has no attribute 'x'"),
+        ("d['inner']['y']", "d['inner'] has no key 'y'"),
+        ("items[5]", "items has no item 5"),
+        ("nothing_here['x']", "name 'nothing_here' is not defined"),
+    ],
+)
+def test_missing_key_or_attribute_says_which_part_is_missing(shell, tiny_model, line, message):
+    ref = make_model(shell, tiny_model)
+    run(shell, "d = {'m': model, 'inner': {}}\nitems = [model]")
+    before = {name: id(value) for name, value in shell.user_ns.items()}
+    with capture_output() as captured:
+        shell.run_cell(f"%llmfree model {line}", store_history=False)
+    output = captured.stdout + captured.stderr
+    assert message in output and "nothing was released" in output, output
+    assert "Traceback" not in output and len(output.strip().splitlines()) == 1
+    assert {name: id(value) for name, value in shell.user_ns.items()} == before  # nothing changed
+    assert ref() is shell.user_ns["model"] is shell.user_ns["d"]["m"]

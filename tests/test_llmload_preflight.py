@@ -115,3 +115,18 @@ def test_empty_body_passes_max_memory_computed_after_release(shell, tiny_model, 
 def test_bad_batch_is_a_usage_error(shell, tiny_model):
     result, output = cell(shell, tiny_model, PLAIN_LOAD, "--batch 0")
     assert "at least 1" in output
+
+
+def test_dry_run_of_the_default_loader_names_the_users_variable_and_counts_like_the_report(shell, tiny_model):
+    """`%llmload MODEL --dry-run` predicts `model` (not an internal name), and its module
+    counts per device are the ones the real report's placement table then shows."""
+    with capture_output() as captured:
+        dry = shell.run_line_magic("llmload", f"{tiny_model} --no-tokenizer --dry-run -o")
+    [predicted] = dry.predictions
+    assert predicted.target == "model"
+    assert "Predicted placement of model:" in captured.stdout
+    with capture_output():
+        loaded = shell.run_line_magic("llmload", f"{tiny_model} --no-tokenizer -o")
+    [placement] = loaded.models
+    assert predicted.prediction.modules_by_device == {row.device: row.modules for row in placement.rows}
+    assert loaded.predictions[0].prediction.modules_by_device == predicted.prediction.modules_by_device

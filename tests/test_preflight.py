@@ -12,18 +12,14 @@ import os
 
 import pytest
 
+from llm_magic.compat.transformers import version
+from llm_magic.names import normalize_device_map
+from llm_magic.predict.budget import transformers_budget
 from llm_magic.predict.calls import find_load_calls, load_call
-from llm_magic.predict.preflight import (
-    Prediction,
-    normalize_device_map,
-    predict,
-    read_checkpoint,
-    read_config,
-    transformers_budget,
-    transformers_version,
-)
+from llm_magic.predict.checkpoint import read_checkpoint, read_config
+from llm_magic.predict.preflight import Prediction, predict
 
-VERSION = transformers_version()
+VERSION = version()
 V4_57 = VERSION[:2] == (4, 57)
 PLENTY = {"cpu": 1 << 40}  # a budget no tiny model can exceed
 
@@ -248,7 +244,8 @@ def pin_available_ram(monkeypatch, available: int) -> None:
 
 def test_prediction_from_the_memory_the_release_will_free(tiny_models, monkeypatch):
     """%%llmload's path: a snapshot before the release plus what it frees, then the real load."""
-    from llm_magic.measure.memory import free_after_release, memory_snapshot
+    from llm_magic.measure.memory import memory_snapshot
+    from llm_magic.predict.budget import free_after_release
 
     path = tiny_models()
     total = total_of(path)
@@ -271,8 +268,8 @@ def test_gpu_not_measured_makes_auto_placement_unknown(tiny_models):
         CUDA_NOT_INITIALISED,
         DeviceMemory,
         MemorySnapshot,
-        free_after_release,
     )
+    from llm_magic.predict.budget import free_after_release
 
     path = tiny_models()
     snapshot = MemorySnapshot((DeviceMemory("cpu", "RAM", 64 << 30, 32 << 30),), CUDA_NOT_INITIALISED, 1,
@@ -430,3 +427,25 @@ def test_reads_a_model_from_the_hf_cache(tiny_models, tmp_path):
     assert (prediction.device_map, prediction.total_bytes) == (real_map, real_bytes)
     missing = predict(load_call("org/absent", device_map="auto", cache_dir=cache), PLENTY)
     assert missing.status == "unknown" and any("offline" in note for note in missing.notes)
+
+
+@pytest.mark.parametrize("kind", ["untied-safetensors", "tied-safetensors"])
+@pytest.mark.parametrize("split", [False, True])
+def test_predicted_modules_and_bytes_per_device_equal_the_placement_table(checkpoint, tmp_path, kind, split):
+    """The dry run and the real report count the same things: modules that own a tensor, and
+    bytes where the load holds them (buffers of disk-offloaded modules stay on the cpu)."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_magic.measure.placement import model_placement
+
+    path = checkpoint(kind)
+    kwargs = dict(device_map="auto")
+    if split:
+        kwargs.update(max_memory={"cpu": int(total_of(path) * 0.6)}, offload_folder=str(tmp_path / "offload"))
+    prediction = predict(load_call(path, **kwargs), PLENTY)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    placement = model_placement(model, "model")
+    assert prediction.modules_by_device == {row.device: row.modules for row in placement.rows}
+    assert prediction.bytes_by_device == {row.device: row.nbytes for row in placement.rows}
+    assert len(prediction.modules_by_device) == (2 if split else 1)
+    assert sum(prediction.modules_by_device.values()) > len(prediction.device_map)  # modules, not map entries

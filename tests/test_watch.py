@@ -158,7 +158,9 @@ def test_traceback_copy_warns_once(shell, lines, cpu_watcher):
 def test_unnamed_copy_warns_without_the_hidden_fix(shell, lines, tiny_model):
     watcher = watcher_for(shell, lines, stale_device=lambda device: device == "cpu", min_stale_bytes=1 << 10)
     load(shell, tiny_model)
-    run(shell, "keep = (lambda m: lambda: m.config)(model)\ndel model")  # only a closure cell holds it now
+    # only an lru_cache's C-level cache holds it now: no path from a name reaches it (a closure
+    # would: `keep.__closure__[0].cell_contents` is a name the walk follows)
+    run(shell, "import functools\nkeep = functools.lru_cache(lambda m: m.config)\nkeep(model)\ndel model")
     (warning,) = about(lines, "unnamed LlamaForCausalLM")
     assert warning.startswith("⚠ 706 KiB cpu held by unnamed LlamaForCausalLM at 0x")
     assert "gc.collect() did not free" in warning and "%llmfree --hidden" not in warning

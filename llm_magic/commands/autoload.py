@@ -11,20 +11,6 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 DEVICE_MAP_CHOICES = ("auto", "sequential", "cpu", "cuda:0", "none")
 
 
-def parse_dtype(name: str) -> Any:
-    """'auto' stays 'auto'; 'bfloat16'/'bf16'/'torch.float16' become torch dtypes."""
-    import torch
-
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    name = name.removeprefix("torch.")
-    if name == "auto":
-        return "auto"
-    dtype = getattr(torch, aliases.get(name, name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} (use {', '.join(DTYPE_CHOICES[:-1])} or {DTYPE_CHOICES[-1]})")
-    return dtype
-
-
 def parse_device_map(value: str) -> Any:
     """'auto', 'cpu', 'cuda:0', ... as given; 'none' means no device_map (plain cpu load)."""
     return None if value.lower() == "none" else value

@@ -32,8 +32,13 @@ class CellPlan:
     analysed: ast.Module  # `tree` with line magics replaced by what they run (for reading only)
     targets: tuple[TargetPath, ...]  # what the cell assigns, line magics included
     read_first: tuple[TargetPath, ...]  # targets the cell reads before rebinding: kept
-    load_calls: tuple  # predict.calls.LoadCall for each model load in it
+    load_calls: tuple  # predict.calls.LoadCall for each `X.from_pretrained(...)` (models, tokenizers, ...)
     reads: Reads  # every load of the body, to ask about names other than the targets
+
+    @property
+    def model_calls(self) -> tuple:
+        """The loads of models (what the pre-flight predicts)."""
+        return tuple(call for call in self.load_calls if call.is_model)
 
     @property
     def replaced(self) -> tuple[TargetPath, ...]:
@@ -56,7 +61,7 @@ def read_cell(source: str, namespace: Mapping[str, Any]) -> CellPlan:
     # The load calls are read from the expanded code, so `%time model = X.from_pretrained(...)`
     # is predicted like the plain assignment.
     code = source if analysed is tree else ast.unparse(analysed)
-    calls = tuple(call for call in find_load_calls(code, namespace) if call.is_model)
+    calls = tuple(find_load_calls(code, namespace))
     return CellPlan(source, tree, analysed, targets, read_first, calls, reads)
 
 

@@ -19,6 +19,7 @@ from llm_magic.engine.holders import (
     scan_holders,
 )
 from llm_magic.engine.release import HiddenRef
+from llm_magic.engine.walk import ROOT_BUDGET, paused_gc
 from llm_magic.measure.memory import MemorySnapshot, memory_snapshot
 from llm_magic.measure.placement import DiskSource, model_placement
 from llm_magic.units import format_bytes
@@ -104,9 +105,9 @@ def _disk_sources(models: Sequence[tuple[str, Any]]) -> tuple[DiskSource, ...]:
     return tuple(sources.values())
 
 
-def _flags(rows: Sequence[HolderRow], disk: Sequence[DiskSource], small_bytes: int) -> tuple[str, ...]:
+def _flags(scan: HolderScan, disk: Sequence[DiskSource], small_bytes: int) -> tuple[str, ...]:
     flags = []
-    for row in rows:
+    for row in scan.rows:
         if row.kind == NAMED or row.total < small_bytes:
             continue
         # Memory behind a stale copy: only free if no named holder shares the storage.
@@ -114,15 +115,24 @@ def _flags(rows: Sequence[HolderRow], disk: Sequence[DiskSource], small_bytes: i
         for device, count in sorted(sole.items()):
             if count <= 0:
                 continue
-            who = "only by " + row.path if row.kind == HIDDEN else f"by an {row.path} (no name reaches it)"
-            fix = "`%llmfree --hidden`" if row.kind == HIDDEN else "`%llmfree --hidden` after finding who keeps it (gc.get_referrers)"
-            flags.append(f"{format_bytes(count)} on {device} held {who} — {fix}")
+            flags.append(f"{format_bytes(count)} on {device} held {_who_and_fix(row, scan.cut)}")
     if disk:
         flags.append(
             f"{len(disk)} disk location(s) serve offloaded weights ({format_bytes(sum(s.nbytes or 0 for s in disk))}): "
             "generation reads them at every step — free memory and reload with %%llmload"
         )
     return tuple(flags)
+
+
+def _who_and_fix(row: HolderRow, cut: Sequence[str]) -> str:
+    """Who holds a stale copy, and a fix that does something (`%llmfree --hidden` frees only
+    hidden copies: for an unnamed holder it would release nothing)."""
+    if row.kind == HIDDEN:
+        return f"only by {row.path} — `%llmfree --hidden`"
+    if cut:
+        names = ", ".join(cut[:3])
+        return f"by an {row.path}: perhaps inside {names}, where the search stopped early — `%gpustate --deep` searches everything"
+    return f"by an {row.path} (no name reaches it) — find what refers to it with gc.get_referrers"
 
 
 def take_snapshot(
@@ -135,18 +145,21 @@ def take_snapshot(
     """Measure memory, find every holder, reconcile the two, and flag what looks wrong.
 
     Unnamed holders (found through gc) are searched with `deep`, or automatically when CUDA
-    reports allocations that no named or hidden holder explains.
+    reports allocations that no named or hidden holder explains. `deep` also walks every name
+    to its end (by default, each name's walk has a budget, and the cut names are reported).
     """
-    visible = list(visible)
-    memory = memory_snapshot()
-    models: list[tuple[str, Any]] = []
-    scan = scan_holders(visible, hidden, find_orphans=deep, named_models=models)
-    lines = _reconcile(memory, scan.explained_by_device)
-    if not deep and _cuda_unexplained(lines) > ORPHAN_TRIGGER_BYTES:
-        scan = scan_holders(visible, hidden, find_orphans=True)
+    with paused_gc():
+        visible = list(visible)
+        memory = memory_snapshot()
+        models: list[tuple[str, Any]] = []
+        budget = None if deep else ROOT_BUDGET  # --deep: every name walked to the end
+        scan = scan_holders(visible, hidden, find_orphans=deep, named_models=models, budget=budget)
         lines = _reconcile(memory, scan.explained_by_device)
-    disk = _disk_sources(models)
-    return GpuState(memory, scan, disk, lines, _flags(scan.rows, disk, small_bytes), small_bytes)
+        if not deep and _cuda_unexplained(lines) > ORPHAN_TRIGGER_BYTES:
+            scan = scan_holders(visible, hidden, find_orphans=True)
+            lines = _reconcile(memory, scan.explained_by_device)
+        disk = _disk_sources(models)
+        return GpuState(memory, scan, disk, lines, _flags(scan, disk, small_bytes), small_bytes)
 
 
 __all__ = ["GpuState", "Reconciliation", "take_snapshot", "NAMED", "HIDDEN", "UNNAMED"]

@@ -76,11 +76,9 @@ def guard_before_cell(shell, raw_cell: str) -> tuple[GuardPlan | None, GuardRele
 def _unresolvable_sources(plan) -> tuple[str, ...]:
     """One line per load whose checkpoint cannot be found (the load would fail before reading
     weights): releasing first would lose the old model for nothing."""
-    try:
-        from llm_magic.predict.sources import check_load_sources
-    except ImportError:  # the source check is not available: nothing blocks
-        return ()
-    return tuple(check_load_sources(plan.load_calls))
+    from llm_magic.predict.sources import check_load_sources
+
+    return tuple(problem.reason for problem in check_load_sources(plan.load_calls))
 
 
 def guard_after_cell(shell, plan: GuardPlan) -> list:

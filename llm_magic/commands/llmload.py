@@ -18,12 +18,9 @@ from llm_magic.commands.cell_plan import (
     release_targets,
     run_body,
 )
-from llm_magic.commands.load_report import (
-    Holder,
-    LoadReport,
-    PredictedLoad,
-    SharedWeights,
-)
+from llm_magic.commands.load_report import LoadReport, PredictedLoad, SharedWeights
+from llm_magic.commands.tracebacks import without_own_frames
+from llm_magic.engine.holders import HolderRows, scan_holders
 from llm_magic.engine.paths import (
     TargetPath,
     Unresolvable,
@@ -33,13 +30,11 @@ from llm_magic.engine.paths import (
 from llm_magic.engine.release import ReleaseResult, Target, release
 from llm_magic.engine.tensors import (
     Footprint,
-    find_tensor_holders,
     footprint_of,
     holds_tensors,
-    is_module,
 )
-from llm_magic.engine.walk import type_name
 from llm_magic.ipython import shell_state
+from llm_magic.names import parse_dtype
 from llm_magic.units import format_by_device, format_bytes
 
 
@@ -73,7 +68,7 @@ class BodyPlan:
     targets: tuple[TargetPath, ...]  # what the run will assign
     read_first: tuple[TargetPath, ...]  # of those, the ones the body reads first: never released
     run: Callable[[], Any]  # runs the body (or the default loader)
-    load_calls: tuple  # predict.calls.LoadCall for each model `from_pretrained` in it
+    load_calls: tuple  # predict.calls.LoadCall for each `from_pretrained` in it (models, tokenizers)
     reads_name: Callable[[str], bool] = lambda name: False  # does the body read this name first?
 
 
@@ -85,12 +80,12 @@ def plan_body(shell, options: LoadOptions, cell: str | None) -> BodyPlan:
         targets = [parse_target(options.model_var)]
         if options.tokenizer_var:
             targets.insert(0, parse_target(options.tokenizer_var))
-        dtype = autoload.parse_dtype(options.dtype)  # a bad dtype fails here, before release
+        dtype = parse_dtype(options.dtype)  # a bad dtype fails here, before release
         device_map = autoload.parse_device_map(options.device_map)
         arguments = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
         if device_map is not None:
             arguments["device_map"] = device_map
-        call = load_call(options.model_name, "AutoModelForCausalLM", **arguments)
+        call = load_call(options.model_name, "AutoModelForCausalLM", target=options.model_var, **arguments)
         return BodyPlan(tuple(targets), (), lambda: _run_default_loader(shell, options, dtype, device_map), (call,))
     # MODEL_NAME is bound only once the release is done; the prediction needs it now.
     namespace = {**shell.user_ns, "MODEL_NAME": options.model_name}
@@ -105,7 +100,8 @@ def plan_body(shell, options: LoadOptions, cell: str | None) -> BodyPlan:
 
 
 def _run_default_loader(shell, options: LoadOptions, dtype: Any, device_map: Any) -> None:
-    from llm_magic.measure.memory import loader_max_memory, memory_snapshot
+    from llm_magic.measure.memory import memory_snapshot
+    from llm_magic.predict.budget import loader_max_memory
 
     trust = options.trust_remote_code
     if options.tokenizer_var:
@@ -141,17 +137,41 @@ def _kept_for_reads(shell, plan: BodyPlan) -> tuple[str, ...]:
     return tuple(kept)
 
 
-def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> tuple[Holder, ...]:
-    """Models (any size) and tensors (>= min_bytes) the user still has, other than `exclude`."""
-    excluded = {id(obj) for obj in exclude}
-    kept = []
-    for path, leaf in find_tensor_holders(shell_state.visible_names(shell)):
-        if id(leaf) in excluded:
-            continue
-        by_device = footprint_of(leaf).by_device()
-        if is_module(leaf) or sum(by_device.values()) >= min_bytes:
-            kept.append(Holder(path, type_name(leaf), by_device))
-    return tuple(kept)
+def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> HolderRows:
+    """Models (any size) and other holders (>= min_bytes in all) the user still has, other than
+    `exclude`. An object of many small tensors (a `generate` output with its cache) counts by
+    its total; storages shared with `exclude` count in no row. `.cut` names the roots whose
+    walk was cut (what they hold may be missing)."""
+    scan = scan_holders(shell_state.visible_names(shell), (), exclude=exclude)
+    return HolderRows.of((row for row in scan.rows if row.is_model or row.total >= min_bytes), scan.cut)
+
+
+class LoadCannotStart(ValueError):
+    """A load of the cell cannot even start (no such directory, not cached offline): nothing changed."""
+
+
+def _check_sources(plan: BodyPlan) -> None:
+    """Refuse, before any release, a cell whose load would fail before reading a weight."""
+    from llm_magic.predict.sources import check_load_sources
+
+    problems = check_load_sources(plan.load_calls)
+    if problems:
+        raise LoadCannotStart(f"{problems[0].reason} — nothing was released")
+
+
+def _failure(exc: BaseException, plan: BodyPlan) -> tuple[BaseException, str | None]:
+    """The body's error as the user should see it, and one plain line when a load failed.
+
+    A load that failed inside transformers keeps only the user's frames and the one that raised.
+    """
+    from llm_magic.commands.tracebacks import user_frames_and_raiser
+    from llm_magic.predict.failures import explain_load_failure
+
+    ids = {call.model_id.value for call in plan.load_calls if call.model_id.known and isinstance(call.model_id.value, str)}
+    explanation = explain_load_failure(exc, ids.pop() if len(ids) == 1 else None)
+    if explanation is None:
+        return without_own_frames(exc), None
+    return user_frames_and_raiser(without_own_frames(exc)), explanation
 
 
 class StrictRefusal(RuntimeError):
@@ -164,7 +184,7 @@ class StrictRefusal(RuntimeError):
 
 def _predict(calls: list, targets: list[Target], snapshot) -> tuple[PredictedLoad, ...]:
     """Each model load predicted with the memory that will be free after the release."""
-    from llm_magic.measure.memory import free_after_release
+    from llm_magic.predict.budget import free_after_release
     from llm_magic.predict.preflight import predict
 
     freed = Footprint()
@@ -200,10 +220,11 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     from llm_magic.measure.placement import model_placement
 
     plan = plan_body(shell, options, cell)
+    _check_sources(plan)
     memory_before = memory_snapshot()
     targets = collect_targets(shell, plan, release_all=options.release_all)
     kept_for_reads = _kept_for_reads(shell, plan)
-    predictions = _predict(plan.load_calls, targets, memory_before)
+    predictions = _predict([call for call in plan.load_calls if call.is_model], targets, memory_before)
     hidden, naming = shell_state.hidden_refs(shell), lambda: shell_state.naming_roots(shell)
 
     if options.strict:
@@ -222,14 +243,14 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
 
     released = release(targets, hidden, naming)
     shell.user_ns["MODEL_NAME"] = options.model_name
-    error, value = None, None
+    error, value, load_failure = None, None, None
     if released.interrupted:
         error = KeyboardInterrupt()
     else:
         try:
             value = plan.run()
         except BaseException as exc:  # noqa: BLE001 - shown, then re-raised by the magic
-            error = _without_own_frames(exc)
+            error, load_failure = _failure(exc, plan)
 
     memory_after = memory_snapshot()
     models = bound_models(shell.user_ns, plan.targets)
@@ -249,8 +270,9 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
         memory_after=memory_after,
         predictions=predictions,
         headroom=headroom,
-        warnings=tuple(_warnings(released, placements)),
+        warnings=tuple(_warnings(released, placements, memory_after.accelerator_present)),
         error=None if error is None else f"{type(error).__name__}: {error}".splitlines()[0][:300],
+        load_failure=load_failure,
     )
     return LoadOutcome(report, error, value)
 
@@ -283,25 +305,13 @@ def _off_best(prediction) -> str:
     return ", ".join(f"{format_bytes(n)} on {device}" for device, n in placed if device != prediction.best_device)
 
 
-def _without_own_frames(error: BaseException) -> BaseException:
-    """Start the traceback at the user's code: our orchestration frames are noise to them."""
-    import os
-
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # all of llm_magic
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(package):
-        tb = tb.tb_next
-    return error.with_traceback(tb)
-
-
-def _warnings(released: ReleaseResult, placements) -> list[str]:
+def _warnings(released: ReleaseResult, placements, accelerator: bool) -> list[str]:
+    """`accelerator`: the machine has one (`memory.accelerator_present`, the same answer the
+    report's highlighted rows follow)."""
     warnings = []
     for item in released.released:
         if not item.freed:
             warnings.append(f"{item.label} was not freed: still held by {'; '.join(item.held_by)}")
-    from llm_magic.measure.machine import accelerator_present
-
-    accelerator = accelerator_present()
     for placement in placements:
         message = placement.slow_tier_warning(accelerator)
         if message:

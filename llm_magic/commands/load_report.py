@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_magic.engine.holders import HolderRow
 from llm_magic.engine.release import ReleaseResult
 
 
@@ -19,22 +20,6 @@ def _as_dict(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(key): _as_dict(item) for key, item in value.items()}
     return value
-
-
-@dataclass(frozen=True)
-class Holder:
-    """An object in the namespace that holds tensor memory (a kept model, a big tensor)."""
-
-    path: str
-    type_name: str
-    bytes_by_device: dict[str, int]
-
-    @property
-    def total(self) -> int:
-        return sum(self.bytes_by_device.values())
-
-    def to_dict(self) -> dict:
-        return {"path": self.path, "type": self.type_name, "bytes_by_device": dict(self.bytes_by_device)}
 
 
 @dataclass(frozen=True)
@@ -67,13 +52,14 @@ class LoadReport:
     kept_for_reads: tuple[str, ...] = ()  # targets not released: the body reads them before rebinding
     models: tuple = ()  # placement.ModelPlacement, one per model the body bound
     shared: tuple[SharedWeights, ...] = ()  # storage a model shares with one listed before it
-    kept: tuple[Holder, ...] = ()  # tensor holders still in the namespace, not replaced
+    kept: tuple[HolderRow, ...] = ()  # tensor holders still in the namespace (holders.HolderRows: with .cut)
     memory_before: Any = None  # devices.MemorySnapshot
     memory_after: Any = None
     predictions: tuple[PredictedLoad, ...] = ()  # one per model load call, made before the release
     headroom: tuple = ()  # headroom.Headroom per model
     warnings: tuple[str, ...] = ()
     error: str | None = None  # the body's exception, one line
+    load_failure: str | None = None  # when a load failed inside transformers: why, in plain words
     dry_run: bool = False
     magic: str = "%%llmload"  # as the user typed it: "%llmload" for the line form (the report's heading)
 
@@ -85,12 +71,14 @@ class LoadReport:
             "models": _as_dict(self.models),
             "shared": _as_dict(self.shared),
             "kept": _as_dict(self.kept),
+            "kept_cut": list(getattr(self.kept, "cut", ())),  # names whose walk was cut
             "memory_before": _as_dict(self.memory_before),
             "memory_after": _as_dict(self.memory_after),
             "predictions": _as_dict(self.predictions),
             "headroom": _as_dict(self.headroom),
             "warnings": list(self.warnings),
             "error": self.error,
+            "load_failure": self.load_failure,
             "dry_run": self.dry_run,
         }
 

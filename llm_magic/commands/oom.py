@@ -37,6 +37,7 @@ from llm_magic.engine.holders import HIDDEN, NAMED, UNNAMED, HolderRow, scan_hol
 from llm_magic.engine.release import HiddenRef, Target, release
 from llm_magic.engine.tensors import Footprint, find_tensor_holders, loaded_torch
 from llm_magic.engine.walk import WalkStats, instance_dict
+from llm_magic.ipython.hooks import CellHook
 from llm_magic.ipython.shell_state import (
     clear_traceback_frames,
     frame_roots,
@@ -259,44 +260,28 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
 # -- the IPython hook -------------------------------------------------------------------------
 
 
-class OOMRescue:
+class OOMRescue(CellHook):
     """A `post_run_cell` callback that rescues and explains cells that died of an OOM.
 
     `enabled` is asked after every failed cell (the `LLMMagic.oom_rescue` setting), so turning
     it off needs no re-registration. `show` displays the renderable (default: render.show).
     """
 
+    event = "post_run_cell"
+    label = "the out-of-memory rescue"
+
     def __init__(self, shell, enabled: Callable[[], bool] = lambda: True, *, show: Callable[[Any], None] | None = None) -> None:
-        self.shell = shell
+        super().__init__(shell)
         self.enabled = enabled
         self._show = show
         self.last_explanation: OOMExplanation | None = None  # plain data: holds no tensor
-        # One bound method, kept: IPython finds it again by equality to unregister it.
-        self._callback = self.post_run_cell
 
-    @property
-    def registered(self) -> bool:
-        return self._callback in self.shell.events.callbacks["post_run_cell"]
-
-    def register(self) -> None:
-        # Appended after IPython's own callbacks; IPython prints the traceback before any of them.
-        self.shell.events.register("post_run_cell", self._callback)
-
-    def unregister(self) -> None:
-        if self.registered:
-            self.shell.events.unregister("post_run_cell", self._callback)
-
-    def post_run_cell(self, result) -> None:
+    def handle(self, result) -> None:
         error = getattr(result, "error_in_exec", None)
         if error is None or not self.enabled() or find_oom(error) is None:
             return
-        try:
-            from llm_magic.render.core import show
-            from llm_magic.render.oom import render_oom
+        from llm_magic.render.core import show
+        from llm_magic.render.oom import render_oom
 
-            self.last_explanation = rescue(self.shell, error)
-            (self._show or show)(render_oom(self.last_explanation))
-        except Exception as failure:  # noqa: BLE001
-            # Raising here would make IPython show *our* traceback and store it as the last
-            # exception, hiding the user's OOM from %debug and %tb: say it in one line instead.
-            print(f"llm_magic: the out-of-memory rescue failed: {type(failure).__name__}: {failure}", file=sys.stderr)
+        self.last_explanation = rescue(self.shell, error)
+        (self._show or show)(render_oom(self.last_explanation))

@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterator
 from llm_magic.engine.holders import HIDDEN, NAMED, UNNAMED, HolderRow
 from llm_magic.engine.tensors import holds_tensors, loaded_torch
 from llm_magic.engine.walk import ATOMIC_TYPES, OPAQUE_TYPES
-from llm_magic.measure.placement import HOST_DEVICES
+from llm_magic.measure.memory import accelerator_in_use, accelerator_present
+from llm_magic.names import is_accelerator
 from llm_magic.units import format_bytes
 
 MIN_STALE_BYTES = 1 << 20  # smaller stale copies are not worth a warning
@@ -45,27 +46,6 @@ FIX_HIDDEN = "%llmfree --hidden"
 _NEVER, _TENSOR, _MODULE = 0, 1, 2
 _PLAIN = 3  # a real instance dict, read as `value.__dict__` (no user code can run on that read)
 _GUARDED = 4  # a real instance dict behind a custom __getattribute__: read past it, slower
-
-
-def is_accelerator(device: str) -> bool:
-    """The default stale devices: everything but host memory ("cuda:0", "xpu:0", "mps")."""
-    return device not in HOST_DEVICES
-
-
-def accelerator_in_use(torch: Any) -> bool:
-    """Can an accelerator hold memory of this process? Asked without initialising anything."""
-    checks = (
-        lambda: torch.cuda.is_initialized(),
-        lambda: torch.xpu.is_initialized(),
-        lambda: torch.backends.mps.is_available(),
-    )
-    for check in checks:
-        try:
-            if check():
-                return True
-        except Exception:  # a backend this build lacks
-            continue
-    return False
 
 
 # -- what one cell left in the namespace ----------------------------------------------------
@@ -420,11 +400,10 @@ class Watcher:
         tensor_dropped = dropped_but_alive(before.tensors, bindings.tensors)
         del models
         if appeared:
-            from llm_magic.measure.machine import accelerator_present
             from llm_magic.measure.placement import model_placement
             from llm_magic.render.watch import placement_line
 
-            accelerator = accelerator_present()
+            accelerator = accelerator_present(torch)
             for label, model in appeared:
                 self.show(placement_line(model_placement(model, label), accelerator))
         del appeared

@@ -14,19 +14,32 @@ from typing import Any, Iterable, Sequence
 from llm_magic.engine.release import HiddenRef
 from llm_magic.engine.tensors import (
     Footprint,
-    find_tensor_holders,
     is_module,
+    is_tensor_holder_leaf,
     loaded_torch,
     tensor_storage,
     tensors_of,
 )
-from llm_magic.engine.walk import WalkStats, type_name
+from llm_magic.engine.walk import (
+    ROOT_BUDGET,
+    TOTAL_BUDGET,
+    WalkStats,
+    paused_gc,
+    type_name,
+    walk_leaves,
+)
 
 NAMED, HIDDEN, UNNAMED = "named", "hidden", "unnamed"
 
 
 @dataclass(frozen=True)
 class HolderRow:
+    """One object that holds tensor memory: a model at its own path, or a root's loose tensors.
+
+    The one holder record: `%gpustate`'s table, `%%llmload`'s "Still loaded" list and the OOM
+    rescue all show these.
+    """
+
     path: str  # as the user would write it: "model", "Out[7]", "last traceback, frame ..."
     kind: str  # NAMED, HIDDEN or UNNAMED
     type_name: str
@@ -34,6 +47,7 @@ class HolderRow:
     shared_by_device: dict[str, int] = field(default_factory=dict)  # of which also held by others
     shared_with: tuple[str, ...] = ()
     also_held_by: tuple[str, ...] = ()  # hidden references to this very object (`Out[3]`, `_`)
+    is_model: bool = False  # a torch module (a model, or a layer the user named)
 
     @property
     def total(self) -> int:
@@ -48,7 +62,20 @@ class HolderRow:
             "shared_by_device": dict(self.shared_by_device),
             "shared_with": list(self.shared_with),
             "also_held_by": list(self.also_held_by),
+            "is_model": self.is_model,
         }
+
+
+class HolderRows(tuple):
+    """Holder rows, and the roots whose walk was cut (holders inside them may be missing)."""
+
+    cut: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, rows: Iterable[HolderRow], cut: Iterable[str] = ()) -> "HolderRows":
+        made = cls(rows)
+        made.cut = tuple(cut)
+        return made
 
 
 @dataclass(frozen=True)
@@ -56,7 +83,8 @@ class HolderScan:
     rows: tuple[HolderRow, ...]
     explained_by_device: dict[str, int]  # union of all holders' storages
     orphans_searched: bool
-    truncated: bool  # the walk's budget ran out: some holders may be missing
+    truncated: bool  # a walk's budget ran out: some holders may be missing
+    cut: tuple[str, ...] = ()  # the roots whose walk was cut ("big_list", "Out[3]")
 
     def to_dict(self) -> dict:
         return {
@@ -64,6 +92,7 @@ class HolderScan:
             "explained_by_device": dict(self.explained_by_device),
             "orphans_searched": self.orphans_searched,
             "truncated": self.truncated,
+            "cut": list(self.cut),
         }
 
 
@@ -95,20 +124,25 @@ def _unnamed(known_storages: set[tuple], seen: set[int]) -> list[tuple[str, Any]
 
 
 def _group_by_holder(
-    roots: Iterable[tuple[str, Any]], kind: str, stats: WalkStats
+    roots: Iterable[tuple[str, Any]], kind: str, stats: WalkStats, budget: int | None
 ) -> list[tuple[str, str, Any, Footprint]]:
     """One row per model (at its own path) and per root for loose tensors.
 
     An optimizer's hundreds of parameters are one row `opt`, not hundreds; `results[0].model`
-    is its own row because a model is what the user thinks of as one thing.
+    is its own row because a model is what the user thinks of as one thing; a `generate`
+    output's many small cache tensors are one row by their total. All roots are walked at once,
+    shortest paths first, each with its own budget.
     """
+    roots = list(roots)
+    values = dict(roots)
     groups: dict[str, tuple[str, str, Any, Footprint]] = {}
-    for label, root in roots:
-        for path, leaf in find_tensor_holders([(label, root)], stats=stats):
-            key = path if is_module(leaf) else label
-            if key not in groups:
-                groups[key] = (key, kind, leaf if is_module(leaf) else root, Footprint())
-            groups[key][3].add(leaf)
+    total = TOTAL_BUDGET if budget is not None else None
+    for label, path, leaf in walk_leaves(roots, is_leaf=is_tensor_holder_leaf, budget=budget, total=total, stats=stats):
+        model = is_module(leaf)
+        key = path if model else label
+        if key not in groups:
+            groups[key] = (key, kind, leaf if model else values.get(label), Footprint())
+        groups[key][3].add(leaf)
     return list(groups.values())
 
 
@@ -118,14 +152,24 @@ def scan_holders(
     *,
     find_orphans: bool = False,
     named_models: list | None = None,
+    budget: int | None = ROOT_BUDGET,
+    exclude: Sequence[Any] = (),
 ) -> HolderScan:
     """Every tensor holder, named the way the user would write it, with shared storages.
 
     `named_models`, if given, receives (path, module) for each model a name reaches: callers
     that need the objects (disk sources) get them without a second walk; the scan stays data.
+    `budget` is per root (None: walk everything). `exclude`: objects that are not holders here
+    (a model just loaded): not walked, and their storages counted in no row.
     """
+    with paused_gc():
+        return _scan(visible, hidden, find_orphans, named_models, budget, exclude)
+
+
+def _scan(visible, hidden, find_orphans, named_models, budget, exclude) -> HolderScan:
     stats = WalkStats()
-    found = _group_by_holder(visible, NAMED, stats)
+    stats.seen.update(id(obj) for obj in exclude)
+    found = _group_by_holder(visible, NAMED, stats, budget)
     if named_models is not None:
         named_models.extend((path, holder) for path, _, holder, _ in found if is_module(holder))
     named = {id(holder): index for index, (_, _, holder, _) in enumerate(found)}
@@ -140,35 +184,41 @@ def scan_holders(
         for label, obj in roots:
             if id(obj) in named and label not in also_held[named[id(obj)]]:
                 also_held[named[id(obj)]].append(label)
-        found += _group_by_holder(roots, HIDDEN, stats)
+        found += _group_by_holder(roots, HIDDEN, stats, budget)
 
+    if exclude:
+        excluded = Footprint().add_all(exclude).storage_keys
+        found = [(path, kind, holder, footprint.restricted_to(footprint.storage_keys - excluded)) for path, kind, holder, footprint in found]
     known = set().union(*(footprint.storage_keys for *_, footprint in found)) if found else set()
     if find_orphans:
         found += [(path, UNNAMED, leaf, Footprint().add(leaf)) for path, leaf in _unnamed(known, stats.seen)]
-    footprints = [footprint for *_, footprint in found]
+    rows = _rows(found, also_held)
+    explained = Footprint()
+    for *_, footprint in found:
+        explained.merge(footprint)
+    return HolderScan(rows, explained.by_device(), find_orphans, stats.truncated, tuple(stats.cut))
 
+
+def _rows(found: list[tuple[str, str, Any, Footprint]], also_held: dict[int, list[str]]) -> tuple[HolderRow, ...]:
+    """The rows, each saying which of its storages other rows share, and with whom."""
     owners: dict[tuple, list[int]] = defaultdict(list)
-    for index, footprint in enumerate(footprints):
+    for index, (*_, footprint) in enumerate(found):
         for key in footprint.storage_keys:
             owners[key].append(index)
-    explained = Footprint()
-    for footprint in footprints:
-        explained.merge(footprint)
-
     rows = []
     for index, (path, kind, holder, footprint) in enumerate(found):
         shared_keys = [key for key in footprint.storage_keys if len(owners[key]) > 1]
         partners = dict.fromkeys(i for key in shared_keys for i in owners[key] if i != index)
-        shared = footprint.restricted_to(shared_keys)
         rows.append(
             HolderRow(
                 path=path,
                 kind=kind,
                 type_name=type_name(holder),
                 bytes_by_device=footprint.by_device(),
-                shared_by_device=shared.by_device(),
+                shared_by_device=footprint.restricted_to(shared_keys).by_device(),
                 shared_with=tuple(found[i][0] for i in partners),
                 also_held_by=tuple(also_held.get(index, ())),
+                is_model=is_module(holder),
             )
         )
-    return HolderScan(tuple(rows), explained.by_device(), find_orphans, stats.truncated)
+    return tuple(rows)

@@ -85,7 +85,12 @@ def _shorten(text: str, limit: int = 80) -> str:
 
 
 class Unresolvable(LookupError):
-    """The target does not exist (yet) in the namespace."""
+    """The target does not exist (yet) in the namespace. `reason` says which part is missing:
+    "name 'd' is not defined", "d has no key 'x'", "d.cfg has no attribute 'm'"."""
+
+    def __init__(self, text: str, reason: str | None = None) -> None:
+        super().__init__(text)
+        self.reason = reason or f"name {text!r} is not defined"
 
 
 def resolve_parent(path: TargetPath, namespace: Mapping[str, Any]) -> tuple[Any, Step | None]:
@@ -95,22 +100,34 @@ def resolve_parent(path: TargetPath, namespace: Mapping[str, Any]) -> tuple[Any,
     failure means "not there", never an exception out of the scan.
     """
     if path.root not in namespace:
-        raise Unresolvable(path.text)
+        raise Unresolvable(path.text, f"name {path.root!r} is not defined")
     if not path.steps:
         return namespace, None
     current = namespace[path.root]
-    for step in path.steps[:-1]:
-        current = _follow(current, step, path)
+    for index, step in enumerate(path.steps[:-1]):
+        current = _follow(current, step, path, index)
     return current, path.steps[-1]
 
 
-def _follow(container: Any, step: Step, path: TargetPath) -> Any:
+def _follow(container: Any, step: Step, path: TargetPath, index: int) -> Any:
     try:
         if step.kind == "attr":
             return getattr(container, step.key)
         return container[step.key]
-    except Exception:
-        raise Unresolvable(path.text) from None
+    except Exception as error:
+        raise Unresolvable(path.text, _missing(path, index, error)) from None
+
+
+def _missing(path: TargetPath, index: int, error: Exception) -> str:
+    """What is missing at step `index` of `path`, in the user's terms."""
+    where = TargetPath(path.root, path.steps[:index]).text
+    step = path.steps[index]
+    if step.kind == "attr" and isinstance(error, AttributeError):
+        return f"{where} has no attribute {step.key!r}"
+    if step.kind == "item" and isinstance(error, (KeyError, IndexError)):
+        return f"{where} has no {'key' if isinstance(error, KeyError) else 'item'} {step.key!r}"
+    shown = f".{step.key}" if step.kind == "attr" else f"[{step.key!r}]"
+    return f"reading {where}{shown} raised {type(error).__name__}"
 
 
 def resolve(path: TargetPath, namespace: Mapping[str, Any]) -> Any:
@@ -118,7 +135,7 @@ def resolve(path: TargetPath, namespace: Mapping[str, Any]) -> Any:
     parent, step = resolve_parent(path, namespace)
     if step is None:
         return namespace[path.root]
-    return _follow(parent, step, path)
+    return _follow(parent, step, path, len(path.steps) - 1)
 
 
 

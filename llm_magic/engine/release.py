@@ -5,8 +5,9 @@ It knows nothing of IPython. Callers describe the world as plain objects:
 - `HiddenRef`: a place that may keep a copy alive behind the user's back (`Out[3]`, `_`, the
   last traceback), with the objects it holds and a way to clear it.
 The engine clears the target bindings and every hidden reference that reaches a target (and no
-other), collects garbage, and checks with weak references that each target is really gone. A
-survivor is reported with the paths that still hold it (`results[0].model`), never as freed.
+other), and checks with weak references that each target is really gone: one full collection
+first only if one is not (reference cycles), none when reference counting already freed them.
+A survivor is reported with the paths that still hold it (`results[0].model`), never as freed.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+from llm_magic.engine.naming import name_holders, summarise
 from llm_magic.engine.tensors import (
     Footprint,
     find_tensor_holders,
-    footprint_of,
     is_tensor,
     loaded_torch,
     tensors_of,
 )
-from llm_magic.engine.walk import WalkStats, find_paths, type_name
+from llm_magic.engine.walk import find_paths, paused_gc, type_name
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class ReleaseResult:
     interrupted: bool = False  # a KeyboardInterrupt arrived and was deferred past the release
     also_cleared: tuple[str, ...] = ()  # hidden copies dropped of objects the user still names
     dry_run: bool = False  # nothing was changed: this is what a release would do
+    cut: tuple[str, ...] = ()  # names searched for tensors only in part (too many objects)
 
     @property
     def all_freed(self) -> bool:
@@ -102,15 +104,18 @@ def deferred_interrupt() -> Iterator[list]:
         signal.signal(signal.SIGINT, previous)
 
 
-def collect_garbage() -> None:
-    """gc, then give the memory back: PyTorch's cached CUDA blocks (only if CUDA is already in
-    use), and glibc's free lists, which otherwise keep a released CPU model's pages in the
-    process, so that the next `device_map="auto"` still sees them as used and offloads."""
-    gc.collect()
+def return_memory(devices: Iterable[str]) -> None:
+    """Give freed memory back: PyTorch's cached CUDA blocks (whenever CUDA is already in use:
+    cheap, and frames cleared beside the targets may have freed some), and glibc's free lists,
+    which otherwise keep a released CPU model's pages in the process, so that the next
+    `device_map="auto"` still sees them as used and offloads. The C heap only when cpu memory
+    was freed (`devices`): trimming costs ~90 ms in a big process and frees nothing for a
+    model that was on the GPU."""
     torch = loaded_torch()
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-    _trim_c_heap()
+    if "cpu" in set(devices):
+        _trim_c_heap()
 
 
 def _trim_c_heap() -> None:
@@ -125,24 +130,43 @@ def _trim_c_heap() -> None:
         pass
 
 
-def _probes(value: Any) -> list[weakref.ref]:
-    """Weak references that all die only when `value`'s memory can go.
+@dataclass
+class _Plan:
+    """One target, read before anything is dropped: what it holds, and how to see it go."""
 
-    The value itself when it supports weak references, and every tensor inside it: a module
-    can die while an optimizer still holds its parameters, and then nothing was freed.
+    label: str
+    type_name: str
+    footprint: Footprint
+    probes: list[weakref.ref]
+    bindings: tuple[Binding, ...]
+    hidden_labels: tuple[str, ...]  # hidden references that reach it
+
+
+def _plan(target: Target, hidden_labels: tuple[str, ...]) -> _Plan:
+    """The target's footprint and its weak-reference probes, from one walk.
+
+    The probes all die only when the value's memory can go: the value itself when it supports
+    weak references, and every tensor inside it (a module can die while an optimizer still
+    holds its parameters, and then nothing was freed).
     """
-    probes = []
+    value = target.value
+    footprint, probes = Footprint(), []
     try:
         probes.append(weakref.ref(value))
     except TypeError:
         pass  # lists, dicts, tuples: their tensors speak for them
     for _, leaf in find_tensor_holders([("", value)]):
+        footprint.add(leaf)
         for tensor in tensors_of(leaf):
             try:
                 probes.append(weakref.ref(tensor))
             except TypeError:
                 continue
-    return probes
+    return _Plan(target.label, type_name(value, qualified=True), footprint, probes, target.bindings, hidden_labels)
+
+
+def _survivors(plans: Sequence[_Plan]) -> list[list[Any]]:
+    return [[obj for obj in (probe() for probe in plan.probes) if obj is not None] for plan in plans]
 
 
 def _reaching(hidden: Sequence[HiddenRef], wanted: set[int]) -> list[tuple[HiddenRef, set[int]]]:
@@ -157,62 +181,6 @@ def _reaching(hidden: Sequence[HiddenRef], wanted: set[int]) -> list[tuple[Hidde
         if found:
             reaching.append((ref, set(found)))
     return reaching
-
-
-def name_holders(
-    survivors: Sequence[Any],
-    naming_roots: Iterable[tuple[str, Any]],
-    *,
-    ignore: Iterable[Any] = (),
-) -> dict[int, list[str]]:
-    """Paths from the user's names (then hidden places) that still reach each survivor.
-
-    Survivors no name reaches are described by the types of their referrers, from one gc scan
-    for all of them; `ignore` are the caller's own containers of survivors (not holders).
-    """
-    wanted = {id(obj) for obj in survivors}
-    found = find_paths(naming_roots, wanted, stop=is_tensor, stats=WalkStats())
-    unnamed = [obj for obj in survivors if id(obj) not in found]
-    if unnamed:
-        ours = {id(survivors), id(unnamed), *(id(container) for container in ignore)}
-        for key, description in _unnamed_holders(unnamed, ours).items():
-            found[key] = [description]
-    return found
-
-
-def _unnamed_holders(objs: list[Any], ours: set[int]) -> dict[int, str]:
-    """For objects no name reaches: 'unnamed: ... referenced by <types>' each, one heap scan."""
-    import types
-
-    ids = {id(obj) for obj in objs}
-    kinds: dict[int, set[str]] = {key: set() for key in ids}
-    for referrer in gc.get_referrers(*objs):
-        if id(referrer) in ours or type(referrer) is types.FrameType:
-            continue  # our own bookkeeping, and the frames of this very call
-        for child in gc.get_referents(referrer):
-            if id(child) in ids:
-                kinds[id(child)].add(type_name(referrer, qualified=True))
-    described = {}
-    for key, names in kinds.items():
-        holders = ", ".join(sorted(names)[:4]) or "a C extension or a frame"
-        described[key] = f"unnamed: reachable from no name, referenced by {holders}"
-    return described
-
-
-def _summarise(paths: Iterable[str], shown: int = 3) -> tuple[str, ...]:
-    """A few holder paths, then a count: a kept optimizer names hundreds of parameters.
-
-    A path inside one already listed (`results[0].model._modules[...]` under
-    `results[0].model`) adds nothing and is left out.
-    """
-    outer: list[str] = []
-    for path in paths:
-        if not any(path.startswith(prefix) and path[len(prefix):][:1] in (".", "[") for prefix in outer):
-            outer.append(path)
-    paths = outer
-    if len(paths) <= shown + 1:
-        return tuple(paths)
-    return tuple(paths[:shown]) + (f"... and {len(paths) - shown} more",)
 
 
 def release(
@@ -232,59 +200,59 @@ def release(
     KeyboardInterrupt during the clearing is held until every reference is dropped and then
     reported as `interrupted` (the caller re-raises it after showing what was released).
     """
+    with paused_gc():
+        return _release(targets, hidden, naming_roots, also_clear, dry_run)
+
+
+def _release(targets, hidden, naming_roots, also_clear, dry_run) -> ReleaseResult:
     reaching = _reaching(hidden, {id(target.value) for target in targets}) if targets else []
-    plans = [
-        (
-            target.label,
-            type_name(target.value, qualified=True),
-            footprint_of(target.value),
-            _probes(target.value),
-            target.bindings,
-            tuple(ref.label for ref, ids in reaching if id(target.value) in ids),
-        )
-        for target in targets
-    ]
+    plans = [_plan(target, tuple(ref.label for ref, ids in reaching if id(target.value) in ids)) for target in targets]
     targets.clear()  # from here on, only weak references to the values
     extra = [ref for ref in also_clear if all(ref is not other for other, _ in reaching)]
     if dry_run:
         released = tuple(
-            ReleasedObject(label, kind, footprint.by_device(), tuple(b.label for b in bindings) + hidden_labels, False)
-            for label, kind, footprint, _, bindings, hidden_labels in plans
+            ReleasedObject(plan.label, plan.type_name, plan.footprint.by_device(), _cleared(plan), False) for plan in plans
         )
         return ReleaseResult(released, {}, also_cleared=tuple(ref.label for ref in extra), dry_run=True)
 
     # The collection is inside the protected block too: finalizers run there, and a Ctrl-C
     # landing in one must not be swallowed ("Exception ignored in __del__").
     with deferred_interrupt() as interrupted:
-        for *_, bindings, _ in plans:
-            for binding in bindings:
+        for plan in plans:
+            for binding in plan.bindings:
                 binding.clear()
         for ref in [ref for ref, _ in reaching] + extra:
             try:
                 ref.clear()
             except Exception:  # a hidden place that refuses: the weakref check will say so
                 continue
-        collect_garbage()
+        # Reference counting frees what holds no cycle the moment the last reference goes;
+        # the one full collection (a quarter second in a big notebook) only when something
+        # the weak references watch is still there: cycles (accelerate's hooks, a model that
+        # refers to itself) need it.
+        if any(_survivors(plans)):
+            gc.collect()
+        survivors = _survivors(plans)
+        freed = Footprint()
+        for plan, alive in zip(plans, survivors):
+            if not alive:
+                freed.merge(plan.footprint)
+        return_memory(freed.by_device())
 
-    survivors = [[obj for obj in (probe() for probe in probes) if obj is not None] for *_, probes, _, _ in plans]
     holders = {}
     if any(survivors):
         holders = name_holders([obj for group in survivors for obj in group], naming_roots(), ignore=[survivors, *survivors])
-
-    released, freed = [], Footprint()
-    for (label, kind, footprint, _, bindings, hidden_labels), alive in zip(plans, survivors):
-        if not alive:
-            freed.merge(footprint)
-        released.append(
-            ReleasedObject(
-                label=label,
-                type_name=kind,
-                bytes_by_device=footprint.by_device(),
-                cleared=tuple(b.label for b in bindings) + hidden_labels,
-                freed=not alive,
-                held_by=_summarise(dict.fromkeys(path for obj in alive for path in holders.get(id(obj), ()))),
-            )
+    released = [
+        ReleasedObject(
+            label=plan.label,
+            type_name=plan.type_name,
+            bytes_by_device=plan.footprint.by_device(),
+            cleared=_cleared(plan),
+            freed=not alive,
+            held_by=summarise(dict.fromkeys(path for obj in alive for path in holders.get(id(obj), ()))),
         )
+        for plan, alive in zip(plans, survivors)
+    ]
     del survivors, holders
     return ReleaseResult(
         tuple(released),
@@ -292,3 +260,7 @@ def release(
         interrupted=bool(interrupted),
         also_cleared=tuple(ref.label for ref in extra),
     )
+
+
+def _cleared(plan: _Plan) -> tuple[str, ...]:
+    return tuple(binding.label for binding in plan.bindings) + plan.hidden_labels

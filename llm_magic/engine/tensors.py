@@ -12,7 +12,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-from llm_magic.engine.walk import DEFAULT_BUDGET, WalkStats, breadth_first
+from llm_magic.engine.walk import (
+    DEFAULT_BUDGET,
+    TOTAL_BUDGET,
+    WalkStats,
+    breadth_first,
+    paused_gc,
+)
 
 
 def loaded_torch():
@@ -104,20 +110,28 @@ def tensors_of(obj: Any) -> Iterator[Any]:
 def find_tensor_holders(
     roots: Iterable[tuple[str, Any]],
     *,
-    budget: int = DEFAULT_BUDGET,
+    budget: int | None = DEFAULT_BUDGET,
+    total: int | None = TOTAL_BUDGET,
     stats: WalkStats | None = None,
 ) -> Iterator[tuple[str, Any]]:
-    """(path, tensor-or-module) for each tensor holder reachable from the named roots."""
+    """(path, tensor-or-module) for each tensor holder reachable from the named roots.
+
+    `budget` is per root. A generator: callers pause automatic gc around it (walk.paused_gc).
+    """
     if loaded_torch() is None:
         return iter(())
-    return breadth_first(roots, is_leaf=is_tensor_holder_leaf, budget=budget, stats=stats)
+    return breadth_first(roots, is_leaf=is_tensor_holder_leaf, budget=budget, total=total, stats=stats)
 
 
-def holds_tensors(obj: Any, *, budget: int = 20_000) -> bool:
-    """Does `obj` hold (directly or inside) a tensor with data, or a module with weights?"""
-    for _, leaf in find_tensor_holders([("", obj)], budget=budget):
-        for tensor in tensors_of(leaf):
-            return True
+def holds_tensors(obj: Any, *, budget: int = 20_000, stats: WalkStats | None = None) -> bool:
+    """Does `obj` hold (directly or inside) a tensor with data, or a module with weights?
+
+    False may mean "not within the budget": `stats.truncated` then says so.
+    """
+    with paused_gc():
+        for _, leaf in find_tensor_holders([("", obj)], budget=budget, stats=stats):
+            for tensor in tensors_of(leaf):
+                return True
     return False
 
 
@@ -170,7 +184,8 @@ class Footprint:
 
 def footprint_of(obj: Any) -> Footprint:
     """The storages `obj` holds, walking into containers (shared storage once)."""
-    return Footprint().add_all(leaf for _, leaf in find_tensor_holders([("", obj)]))
+    with paused_gc():
+        return Footprint().add_all(leaf for _, leaf in find_tensor_holders([("", obj)]))
 
 
 def bytes_by_device(obj: Any) -> dict[str, int]:

@@ -49,7 +49,7 @@ class GuardAfter(CellHook):
         if plan is None or self.watching():  # %llmwatch prints the same line itself
             return
         from llm_magic.commands.guard import guard_after_cell
-        from llm_magic.measure.machine import accelerator_present
+        from llm_magic.measure.memory import accelerator_present
         from llm_magic.render.watch import placement_line
 
         accelerator = accelerator_present()

@@ -5,7 +5,7 @@ device accelerate's hook runs it on (a dispatched model, weights possibly offloa
 disk), else the device its weights are on. So the cache can be split across devices, and the
 device that fills first bounds the length. Per token the cost is `kvcache.kv_cache_profile` of
 the model's config in the model's real dtype (transformers 4.x loads a bf16 checkpoint as
-float32, and its cache is float32 too); the free memory is a `devices.MemorySnapshot`'s: driver
+float32, and its cache is float32 too); the free memory is a `memory.MemorySnapshot`'s: driver
 free plus PyTorch's unused cache on a GPU, available RAM on the cpu.
 
 Pure: no IPython; torch is reached only through the model given. Activations and allocator
@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from llm_magic import names
+from llm_magic.compat.accelerate import execution_device, module_hooks
 from llm_magic.measure.kvcache import (
     NONE,
     SLIDING,
@@ -110,7 +112,7 @@ def generation_headroom(model: Any, name: str, snapshot: MemorySnapshot, *, batc
     notes: list[str] = []
     dtype = _model_dtype(model)
     profile = _profile(model, dtype, notes)
-    dtype_name = profile.dtype if profile is not None else (None if dtype is None else str(dtype).removeprefix("torch."))
+    dtype_name = profile.dtype if profile is not None else (None if dtype is None else names.dtype_name(dtype))
     growing = [layer for layer in profile.layers if layer.kind != NONE] if profile is not None else []
     if profile is not None and profile.layers and not growing:
         # Recurrent layers only (mamba...): a fixed state per sequence, nothing per token.
@@ -233,23 +235,14 @@ def _model_device(model: Any) -> str | None:
 def _execution_device(module: Any) -> str | None:
     """The accelerate hook's execution device on `module` or inside it, else where its first real tensor is."""
     for sub in module.modules():
-        hook = getattr(sub, "_hf_hook", None)
-        for candidate in getattr(hook, "hooks", None) or (hook,):  # a SequentialHook chains several
-            device = getattr(candidate, "execution_device", None)
+        for hook in module_hooks(sub):
+            device = execution_device(hook)
             if device is not None:
-                return _device_name(device)
+                return names.normalize_device(device)
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
-            return _device_name(tensor.device)
+            return names.normalize_device(tensor.device)
     return None
-
-
-def _device_name(device: Any) -> str:
-    """0, "cuda", torch.device("cuda", 1) as "cuda:0" / "cuda:1"; "cpu" as is."""
-    if isinstance(device, int):
-        return f"cuda:{device}"
-    text = str(device)
-    return f"{text}:0" if text in ("cuda", "xpu", "npu", "mps") else text
 
 
 # --------------------------------------------------------------------------- the arithmetic

@@ -24,10 +24,12 @@ dataclasses with `to_dict()`. A figure that cannot be known is a note, not an ex
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from typing import Any
+
+from llm_magic import names
+from llm_magic.compat import transformers as tf
+from llm_magic.compat.transformers import mla_caches_latent
 
 FULL = "full"  # grows with every token
 SLIDING = "sliding"  # grows until its window is full
@@ -42,17 +44,6 @@ _NO_CACHE_TYPES = {"linear_attention", "mamba", "conv", "moe", "mlp", "dummy"}
 _RECURRENT_TYPES = {"linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding"}
 # Families with no attention at all and (in 4.x) no `layer_types` to say so.
 _RECURRENT_MODEL_TYPES = {"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"}
-
-_DTYPE_ALIASES = {
-    "bf16": "bfloat16",
-    "fp16": "float16",
-    "half": "float16",
-    "fp32": "float32",
-    "float": "float32",
-    "fp64": "float64",
-    "double": "float64",
-}
-
 
 @dataclass(frozen=True)
 class LayerKV:
@@ -167,7 +158,7 @@ def _layer_types(text: Any, count: int, model_type: str, notes: list[str]) -> li
     return layer_types
 
 
-def resolve_dtype(dtype: Any, config: Any = None) -> tuple[str, int, str | None]:
+def cache_dtype(dtype: Any, config: Any = None) -> tuple[str, int, str | None]:
     """(name, bytes per element, note) for a torch dtype, its name, or "auto" (the config's)."""
     import torch
 
@@ -185,47 +176,10 @@ def resolve_dtype(dtype: Any, config: Any = None) -> tuple[str, int, str | None]
             note = "the config names no dtype: assumed float32 (pass the loaded model's dtype)"
         dtype = found
     if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        name = _DTYPE_ALIASES.get(name, name)
-        resolved = getattr(torch, name, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; give a torch dtype or a name like 'bfloat16'")
-        dtype = resolved
+        dtype = names.parse_dtype(dtype)
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, a dtype name or 'auto', not {type(dtype).__name__}")
-    return str(dtype).removeprefix("torch."), dtype.itemsize, note
-
-
-@lru_cache(maxsize=None)
-def _mla_caches_latent(model_type: str) -> bool | None:
-    """Does the installed modeling code of this MLA family cache the compressed latent?
-
-    transformers 5 (checked: 5.23) caches `(kv_nope, k_rot)` latents and re-expands them after
-    the cache read, in an attention method named `expand_kv`; 4.x caches expanded K and V.
-    None when the modeling module cannot be imported.
-    """
-    import importlib
-
-    name = f"transformers.models.{model_type}.modeling_{model_type}"
-    module = sys.modules.get(name)
-    if module is None:
-        try:
-            module = importlib.import_module(name)
-        except Exception:
-            return None
-    return any(
-        isinstance(value, type) and callable(getattr(value, "expand_kv", None))
-        for value in vars(module).values()
-    )
-
-
-def _transformers_major() -> int:
-    try:
-        import transformers
-
-        return int(str(transformers.__version__).split(".")[0])
-    except Exception:
-        return 0
+    return names.dtype_name(dtype), dtype.itemsize, note
 
 
 def _attention_bytes(layer: Any, model_type: str, dtype_bytes: int, notes: list[str]) -> tuple[int, str]:
@@ -235,9 +189,9 @@ def _attention_bytes(layer: Any, model_type: str, dtype_bytes: int, notes: list[
     if kv_lora_rank:
         # MLA. Checked before `head_dim`: DeepseekV3Config sets head_dim = qk_rope_head_dim.
         rope = int(_get(layer, "qk_rope_head_dim", 0))
-        latent = _mla_caches_latent(model_type)
+        latent = mla_caches_latent(model_type)
         if latent is None:
-            latent = _transformers_major() >= 5
+            latent = tf.major() >= 5
             notes.append(
                 f"could not read how {model_type!r} caches MLA; assumed "
                 + ("the compressed latent (transformers 5)" if latent else "expanded K/V (transformers 4)")
@@ -283,7 +237,7 @@ def kv_cache_profile(config: Any, dtype: Any = "auto") -> KVProfile:
     notes: list[str] = []
     text = text_config(config)
     model_type = str(_get(text, "model_type", "") or _get(config, "model_type", "") or "unknown")
-    dtype_name, dtype_bytes, dtype_note = resolve_dtype(dtype, config)
+    dtype_name, dtype_bytes, dtype_note = cache_dtype(dtype, config)
     if dtype_note:
         notes.append(dtype_note)
 

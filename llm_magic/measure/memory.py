@@ -1,4 +1,7 @@
-"""Memory per device, now, and the budget `from_pretrained(device_map="auto")` would see.
+"""Memory per device, now, and whether the machine has an accelerator.
+
+What `from_pretrained(device_map="auto")` makes of these figures (its budget) is
+`predict/budget.py`'s business; this module only measures.
 
 Nothing here creates a CUDA context or allocates on a device: a context costs hundreds of MiB on
 every GPU it touches, which is the memory the user is trying to get back. So CUDA is measured
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from llm_magic.engine.tensors import loaded_torch
 
@@ -83,6 +86,7 @@ class MemorySnapshot:
     cuda_state: str  # one of the CUDA_* constants
     cuda_device_count: int | None  # devices a load would use (CUDA_VISIBLE_DEVICES applied); None: no torch
     nvml_state: str  # "ok", "not queried", "not installed", or "unavailable (<why>)"
+    accelerator_present: bool = False  # the machine has an accelerator PyTorch can use (`accelerator_present`)
 
     def device(self, name: str) -> DeviceMemory | None:
         for device in self.devices:
@@ -113,16 +117,55 @@ class MemorySnapshot:
             "cuda_state": self.cuda_state,
             "cuda_device_count": self.cuda_device_count,
             "nvml_state": self.nvml_state,
+            "accelerator_present": self.accelerator_present,
         }
 
 
 def memory_snapshot() -> MemorySnapshot:
     """Memory of every device this process can see, without touching what is not yet in use."""
-    cuda_state, count, gpus = _cuda_memory(loaded_torch())
+    torch = loaded_torch()
+    cuda_state, count, gpus = _cuda_memory(torch)
     nvml_state = "not queried"
     if gpus:
         gpus, nvml_state = _with_gpu_processes(gpus)
-    return MemorySnapshot((*gpus, _cpu_memory()), cuda_state, count, nvml_state)
+    return MemorySnapshot((*gpus, _cpu_memory()), cuda_state, count, nvml_state, accelerator_present(torch))
+
+
+def accelerator_present(torch: Any = None) -> bool:
+    """Does this machine have an accelerator PyTorch can use (CUDA, XPU, MPS)?
+
+    The one machine-level answer behind "a model on cpu next to an idle GPU is on a slower
+    tier": the load report's warning and its highlighted rows, and watch mode, all ask this.
+    Asked without creating a context (`is_available` asks the driver). `torch`: the module,
+    when the caller has it; else the loaded one (no torch loaded: no tensors, False).
+    """
+    torch = loaded_torch() if torch is None else torch
+    if torch is None:
+        return False
+    return _any_backend(
+        lambda: torch.cuda.is_available(),
+        lambda: torch.xpu.is_available(),
+        lambda: torch.backends.mps.is_available(),
+    )
+
+
+def accelerator_in_use(torch: Any) -> bool:
+    """Can an accelerator hold memory of this process already? Asked without initialising anything."""
+    return _any_backend(
+        lambda: torch.cuda.is_initialized(),
+        lambda: torch.xpu.is_initialized(),
+        lambda: torch.backends.mps.is_available(),
+    )
+
+
+def _any_backend(*checks) -> bool:
+    for check in checks:
+        try:
+            if check():
+                return True
+        except Exception:  # a backend this build lacks
+            continue
+    return False
 
 
 def _cuda_memory(torch: Any) -> tuple[str, int | None, tuple[DeviceMemory, ...]]:
@@ -227,164 +270,3 @@ def _gpu_processes(pynvml: Any, uuid: str | None) -> tuple[GpuProcess, ...] | No
 def _nvml_bytes(value: Any) -> int | None:
     # pynvml maps NVML_VALUE_NOT_AVAILABLE to None; older bindings pass the raw 2**64 - 1 through.
     return value if type(value) is int and 0 <= value < 2**63 else None
-
-
-# ---------------------------------------------------------------------------------------------
-# The budget of a `device_map="auto"` load
-#
-# `loader_budget` is the one place that knows how each transformers version turns free memory
-# into the budget its placement gets; `preflight.transformers_budget`, `autoload_budget` and
-# `loader_max_memory` all call it. It lives here, beside the figures it is computed from, because
-# this module is light (no torch, no transformers at import) and the pre-flight already depends
-# on it, not the reverse.
-
-
-def loader_budget(
-    free: Mapping[str, int | None],
-    cached_unused: Mapping[str, int] | None = None,
-    *,
-    transformers_version: str | tuple[int, int] | None = None,
-    sequential: bool = False,
-) -> dict[str, int | None]:
-    """Bytes per device `from_pretrained(device_map=...)` gives its placement when the user sets no `max_memory`.
-
-    `free`: per device name ("cuda:0", "cpu"), the bytes the load will find: on a GPU the driver's
-    free memory plus PyTorch's cached-but-unused memory (both versions add that cache), on the
-    cpu psutil's available RAM. None: unknown, and so is that device's budget. Leave "cpu" out
-    on integrated GPUs (host RAM is the GPU's memory: accelerate gives the cpu no budget).
-    `cached_unused`: the part of a GPU's `free` that is PyTorch's cache; only 4.x treats it apart.
-    `sequential`: `device_map="sequential"`, which skips `get_balanced_memory` and its 90% cut.
-
-    The rules (read in the code of transformers 4.57 and 5.23, accelerate 1.15):
-    - 5.x `integrations.accelerate.get_max_memory`: driver free + cache per GPU, 90% of the cpu;
-      then its `get_balanced_memory` takes 90% of the first GPU when exactly one GPU has a
-      positive figure.
-    - 4.57 `modeling_utils._get_device_map`: accelerate's `get_balanced_memory` on driver free
-      alone (90% of the first GPU when exactly one has driver memory left), then the cache is
-      added; the cpu at 100% of available.
-    Balancing across several GPUs comes later and depends on the model: not done here. The
-    result, passed back as `max_memory`, makes both versions place exactly as they would have
-    (neither scales a user's `max_memory`). Quantizers' `adjust_max_memory` is not applied.
-    Keys: the accelerators in ordinal order, then "cpu" when `free` has it.
-    """
-    cached = cached_unused or {}
-    v5 = _major(transformers_version) >= 5
-    accelerators = sorted((d for d in free if d not in ("cpu", "disk", "meta")), key=lambda d: (len(d), d))
-
-    def counted(device: str) -> int | None:
-        value = free[device]
-        return value if value is None or v5 else value - cached.get(device, 0)
-
-    # get_balanced_memory counts GPUs with a positive figure (an unknown one takes part) and
-    # cuts the first GPU key, whichever that is.
-    single = not sequential and sum(1 for d in accelerators if counted(d) is None or counted(d) > 0) == 1
-    budget: dict[str, int | None] = {}
-    for index, device in enumerate(accelerators):
-        figure = counted(device)
-        if figure is None:
-            budget[device] = None
-            continue
-        cut = int(figure * 0.9) if single and index == 0 else figure
-        budget[device] = cut if v5 else cut + cached.get(device, 0)
-    if "cpu" in free:
-        available = free["cpu"]
-        budget["cpu"] = None if available is None else (int(available * 0.9) if v5 else available)
-    return budget
-
-
-def free_after_release(
-    snapshot: MemorySnapshot,
-    freed: Mapping[str, int] | None = None,
-    *,
-    empty_cache: bool = True,
-) -> tuple[dict[str, int | None], dict[str, int]]:
-    """(free, cached_unused) per device name once the release step has freed `freed`, for `preflight.predict`.
-
-    `freed`: bytes the release will free per device ("cuda:0", "cpu"). `empty_cache`: the release
-    hands PyTorch's cached blocks back to the driver (`release.collect_garbage` does whenever CUDA
-    is initialised), so every GPU's cache counts as driver-free and `cached_unused` is 0. False:
-    the cache the snapshot shows stays cached (what `autoload_budget` models).
-
-    Every GPU the load would use gets an entry. One whose free memory is unknown (CUDA not
-    initialised in this process, or nothing of ours on it yet: measuring would create a context)
-    gets None: `predict` then says its `device_map="auto"` placement is unknown, while a plain
-    cpu load or an explicit map is still predicted. Without torch or CUDA only "cpu" is there.
-    Freed RAM is counted as returned to the system; small allocations may stay in the allocator.
-    """
-    freed = freed or {}
-    free: dict[str, int | None] = {}
-    cached: dict[str, int] = {}
-    for index in range(snapshot.cuda_device_count or 0):
-        name = f"cuda:{index}"
-        usable, _ = snapshot.usable_free(name)
-        if usable is None:
-            free[name] = None
-            continue
-        free[name] = usable + freed.get(name, 0)
-        cached[name] = 0 if empty_cache else snapshot.device(name).reserved_unused_bytes or 0
-    cpu = snapshot.device("cpu")
-    if cpu is not None:
-        free["cpu"] = None if cpu.free_bytes is None else cpu.free_bytes + freed.get("cpu", 0)
-    return free, cached
-
-
-def autoload_budget(
-    snapshot: MemorySnapshot,
-    extra_free: dict[str, int] | None = None,
-    *,
-    transformers_version: str | None = None,
-) -> dict[int | str, int | None]:
-    """The `max_memory` that `from_pretrained(device_map="auto")` would build now, with no user `max_memory`.
-
-    Keys are as accelerate writes them: GPU ordinals, then "cpu". A GPU's value is None when it
-    cannot be known without creating a CUDA context (CUDA not initialised, or nothing of this
-    process on that GPU yet); the load will also pay for that context there. `extra_free` is what
-    the release step will free first, per device name ("cuda:0", "cpu"); freed GPU memory is
-    counted as returned to the driver while the cache the snapshot shows stays cached, the
-    smaller of the possible budgets on 4.x. The rules: `loader_budget`.
-    """
-    free, cached = free_after_release(snapshot, extra_free, empty_cache=False)
-    return _as_accelerate_keys(snapshot, free, cached, transformers_version, False)
-
-
-def loader_max_memory(
-    snapshot: MemorySnapshot,
-    *,
-    transformers_version: str | None = None,
-    sequential: bool = False,
-) -> dict[int | str, int] | None:
-    """An explicit `max_memory` for `from_pretrained(device_map="auto")`, from a snapshot taken after the release.
-
-    Equal to the budget the load would compute itself in a fresh process with the same free
-    memory: PyTorch's cache counts as free (a fresh process has none; the release empties it),
-    and the installed version's margins apply (`loader_budget`). Passed as `max_memory`, it gives
-    the placement the load gives without one, so what the process held before cannot shift it.
-
-    None when a figure is unknown (CUDA not initialised here, or a GPU this process holds nothing
-    on): pass no `max_memory` then. This process holds no memory on such GPUs, so the load's
-    own measurement there is already a fresh process's.
-    """
-    free, cached = free_after_release(snapshot, empty_cache=True)
-    budget = _as_accelerate_keys(snapshot, free, cached, transformers_version, sequential)
-    if any(value is None for value in budget.values()):
-        return None
-    return budget  # type: ignore[return-value]
-
-
-def _as_accelerate_keys(snapshot, free, cached, version, sequential) -> dict[int | str, int | None]:
-    # accelerate's get_max_memory gives no "cpu" entry on integrated CUDA devices.
-    if any(row.integrated for row in snapshot.cuda_devices):
-        free = {name: value for name, value in free.items() if name != "cpu"}
-    budget = loader_budget(free, cached, transformers_version=version, sequential=sequential)
-    return {(int(name[5:]) if name.startswith("cuda:") else name): value for name, value in budget.items()}
-
-
-def _major(version: str | tuple[int, int] | None) -> int:
-    if isinstance(version, tuple):
-        return version[0]
-    if version is None:
-        import transformers
-
-        version = transformers.__version__
-    head = version.split(".", 1)[0]
-    return int(head) if head.isdigit() else 0

@@ -28,12 +28,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from llm_magic.compat.accelerate import (
+    find_offloaded,
+    module_hooks,
+    offload_weights_map,
+)
 from llm_magic.engine.tensors import is_module, module_tensors, tensor_storage
 from llm_magic.engine.walk import instance_dict
+from llm_magic.names import dtype_name, is_accelerator, sort_devices
 from llm_magic.units import format_bytes
-
-# Rows that are not accelerators. Anything else ("cuda:0", "xpu:0", "mps") is one.
-HOST_DEVICES = ("cpu", "disk", "meta")
 
 
 def find_model(obj: Any):
@@ -95,7 +98,7 @@ class ModelPlacement:
 
     @property
     def accelerator_rows(self) -> tuple[DevicePlacement, ...]:
-        return tuple(row for row in self.rows if row.device not in HOST_DEVICES)
+        return tuple(row for row in self.rows if is_accelerator(row.device))
 
     def offloaded_devices(self, accelerator_present: bool = False) -> tuple[str, ...]:
         """The slow tiers this model uses: disk always; cpu when an accelerator is there.
@@ -157,7 +160,7 @@ def model_placement(model: Any, name: str) -> ModelPlacement:
         module_bytes[qualified_name.rpartition(".")[0]][located.device] += located.nbytes
         if located.key not in counted:
             counted[located.key] = located
-            dtype_bytes[str(tensor.dtype).removeprefix("torch.")] += located.nbytes
+            dtype_bytes[dtype_name(tensor.dtype)] += located.nbytes
 
     device_bytes: dict[str, int] = defaultdict(int)
     for located in counted.values():
@@ -165,11 +168,11 @@ def model_placement(model: Any, name: str) -> ModelPlacement:
     device_modules: dict[str, int] = defaultdict(int)
     for per_device in module_bytes.values():
         # max() keeps the first of equals: ties go to the first device in display order.
-        device_modules[max(_device_order(per_device), key=per_device.__getitem__)] += 1
+        device_modules[max(sort_devices(per_device), key=per_device.__getitem__)] += 1
 
     total = sum(device_bytes.values())
     rows = []
-    for device in _device_order(set(device_bytes) | set(device_modules)):
+    for device in sort_devices(set(device_bytes) | set(device_modules)):
         nbytes = device_bytes.get(device, 0)
         share = nbytes / total if total else 0.0
         rows.append(DevicePlacement(device, device_modules.get(device, 0), nbytes, share))
@@ -202,16 +205,6 @@ def _located_tensors(model: Any) -> list[tuple[str, Any, _Located]]:
         if id(tensor) not in located_of:
             located_of[id(tensor)] = _locate(tensor, names_of[id(tensor)], modules)
     return [(qualified_name, tensor, located_of[id(tensor)]) for qualified_name, tensor in named]
-
-
-def _device_order(devices) -> list[str]:
-    def rank(device: str) -> tuple:
-        if device in HOST_DEVICES:
-            return (1, HOST_DEVICES.index(device), 0)
-        kind, _, index = device.partition(":")
-        return (0, kind, int(index) if index.isdigit() else -1)
-
-    return sorted(devices, key=rank)
 
 
 def _device_map_copy(model: Any) -> dict[str, Any] | None:
@@ -249,44 +242,24 @@ def _offload_record(qualified_name: str, modules: dict[str, Any]) -> tuple[Any, 
         module = modules.get(module_path)
         if module is None:
             continue
-        for hook in _hooks(module):
-            hook_attrs = instance_dict(hook) or {}
-            weights_map = hook_attrs.get("weights_map")
-            if hook_attrs.get("offload") is True and weights_map is not None:
+        for hook in module_hooks(module):
+            weights_map = offload_weights_map(hook)
+            if weights_map is not None:
                 # accelerate names offloaded tensors relative to the hooked module.
                 return weights_map, ".".join(parts[depth:])
     return None
 
 
-def _hooks(module: Any) -> list[Any]:
-    hook = (instance_dict(module) or {}).get("_hf_hook")
-    if hook is None:
-        return []
-    # A SequentialHook (from add_hook_to_module(..., append=True)) chains several.
-    inner = (instance_dict(hook) or {}).get("hooks")
-    return list(inner) if type(inner) in (tuple, list) else [hook]
-
-
 def _located_in_weights_map(weights_map: Any, key: str, *, meta_bytes: int) -> _Located | None:
-    map_attrs = instance_dict(weights_map) or {}
-    if "dataset" in map_attrs and type(map_attrs.get("prefix")) is str:  # PrefixedDataset
-        weights_map, key = map_attrs["dataset"], map_attrs["prefix"] + key
-        map_attrs = instance_dict(weights_map) or {}
-
-    if type(weights_map) is dict:
-        # A plain state dict (accelerate's cpu_offload): the tensors themselves, in RAM.
-        return _real(weights_map.get(key))
-
-    state_dict, index = map_attrs.get("state_dict"), map_attrs.get("index")
-    if type(state_dict) is dict and key in state_dict:
-        # OffloadedWeightsLoader: its state dict wins over its index when it reads a weight.
-        return _real(state_dict[key])
-    if type(index) is dict and key in index:
-        entry = index[key] if type(index[key]) is dict else {}
-        source, file_key = _disk_source(entry, key, map_attrs.get("save_folder"))
-        # Tied weights both offloaded point at one stored tensor: count it once.
-        return _Located("disk", ("disk", file_key, entry.get("weight_name", key)), meta_bytes, source)
-    return None
+    found = find_offloaded(weights_map, key)
+    if found is None:
+        return None
+    if found.index_entry is None:
+        return _real(found.tensor)  # in RAM
+    entry, key = found.index_entry, found.key
+    source, file_key = _disk_source(entry, key, found.save_folder)
+    # Tied weights both offloaded point at one stored tensor: count it once.
+    return _Located("disk", ("disk", file_key, entry.get("weight_name", key)), meta_bytes, source)
 
 
 def _real(tensor: Any) -> _Located | None:

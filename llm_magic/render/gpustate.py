@@ -42,14 +42,17 @@ def _device_rows(memory) -> Table:
 _KIND_STYLE = {"named": None, "hidden": HIDDEN_STYLE, "unnamed": UNNAMED_STYLE}
 
 
-def _holders_table(state) -> Table | Text:
+def _holders_table(state) -> Table | Group | Text:
     rows = state.shown_holders()
     hidden_count = len(state.holders.rows) - len(rows)
+    cut = _cut_note(state.holders.cut)
     if not rows:
         text = "Holders: no tensors are held by this process's Python objects"
         if hidden_count:
             text = f"Holders: {hidden_count} small holder(s) below {format_bytes(state.small_bytes)} not shown (%gpustate --all)"
-        return Text(text, style=DIM)
+        if cut:
+            text += "; " + cut
+        return Text(text, style=WARN if cut else DIM)
     cells = []
     for row in rows:
         shared = ""
@@ -67,12 +70,19 @@ def _holders_table(state) -> Table | Text:
         notes.append(f"{hidden_count} small holder(s) below {format_bytes(state.small_bytes)} not shown: %gpustate --all")
     if not state.holders.orphans_searched:
         notes.append("unnamed holders not searched: %gpustate --deep")
-    if state.holders.truncated:
-        notes.append("the namespace walk hit its budget: some holders may be missing")
     if notes:
         table.caption = "; ".join(notes)
         table.caption_justify = "left"
-    return table
+    # A line of its own, not the caption: the table is narrow and would wrap it.
+    return Group(table, Text(cut, style=WARN)) if cut else table
+
+
+def _cut_note(cut) -> str:
+    """Which names the search stopped early in, and how to see everything."""
+    if not cut:
+        return ""
+    names = ", ".join(cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
+    return f"the search stopped early in {names} (too many objects): holders inside may be missing — %gpustate --deep searches everything"
 
 
 def _reconciliation_lines(state) -> Text:

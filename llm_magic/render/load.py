@@ -8,6 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from llm_magic.names import device_sort_key
 from llm_magic.render.core import (
     DIM,
     HEADING,
@@ -18,27 +19,25 @@ from llm_magic.render.core import (
     warnings_panel,
 )
 from llm_magic.render.release import released_table
-from llm_magic.units import device_sort_key, format_by_device, format_bytes
+from llm_magic.units import format_by_device, format_bytes
 
 
-def placement_table(placement, predicted: dict[str, int] | None = None) -> Table:
+def placement_table(placement, predicted: dict[str, int] | None = None, *, accelerator_present: bool = False) -> Table:
+    """The placement of one loaded model. Rows on a slower tier are highlighted: disk always, cpu
+    when the machine has an accelerator (`accelerator_present`: the same machine-level answer
+    as the slow-tier warning; a model wholly on cpu next to an idle GPU is highlighted too)."""
     columns = [("device", "left"), ("modules", "right"), ("bytes", "right"), ("share", "right")]
     if predicted is not None:
         columns.append(("predicted", "right"))
     title = f"{placement.name}: {placement.class_name}, {format_bytes(placement.total_bytes)}"
     table = new_table(title, *columns)
     for row in placement.rows:
-        slow = row.device in ("cpu", "disk") and placement_has_accelerator(placement) or row.device == "disk"
-        style = WARN if slow else None
+        style = WARN if row.device in placement.offloaded_devices(accelerator_present) else None
         cells = [row.device, str(row.modules), format_bytes(row.nbytes), f"{row.share:.0%}"]
         if predicted is not None:
             cells.append(format_bytes(predicted.get(row.device, 0)))
         table.add_row(*cells, style=style)
     return table
-
-
-def placement_has_accelerator(placement) -> bool:
-    return any(row.device.split(":")[0] not in ("cpu", "disk", "meta") for row in placement.rows)
 
 
 def memory_table(before, after) -> Table | None:
@@ -54,16 +53,23 @@ def memory_table(before, after) -> Table | None:
     return table
 
 
-def kept_table(kept: Iterable) -> Table | None:
+def kept_table(kept: Iterable) -> Table | Group | Text | None:
+    cut = getattr(kept, "cut", ())
     kept = list(kept)
+    # A line of its own, not the caption: the table is narrow and would wrap it.
+    cut_note = Text(
+        f"Still loaded: the search stopped early in {', '.join(cut[:3])} (too many objects): "
+        "models inside may be missing — %gpustate --deep searches everything",
+        style=WARN,
+    )
     if not kept:
-        return None
+        return cut_note if cut else None
     table = new_table("Still loaded (kept: not replaced by this cell)", ("name", "left"), ("type", "left"), ("memory", "right"))
     for holder in kept:
         table.add_row(holder.path, holder.type_name.rsplit(".", 1)[-1], format_by_device(holder.bytes_by_device))
     table.caption = "free them with %llmfree NAME ..., or reload with %%llmload --release-all"
     table.caption_justify = "left"
-    return table
+    return Group(table, cut_note) if cut else table
 
 
 def prediction_table(item) -> Table | Text:
@@ -74,9 +80,7 @@ def prediction_table(item) -> Table | Text:
         return Text(f"Predicted placement of {name}: unknown ({why})", style=DIM)
     title = f"Predicted placement of {name}: {p.model_class}, {format_bytes(p.total_bytes)} in {p.dtype}"
     table = new_table(title, ("device", "left"), ("modules", "right"), ("bytes", "right"), ("share", "right"))
-    counts: dict[str, int] = {}
-    for device in (p.device_map or {}).values():
-        counts[device] = counts.get(device, 0) + 1
+    counts = p.modules_by_device or {}
     for device in sorted(p.bytes_by_device, key=device_sort_key):
         nbytes = p.bytes_by_device[device]
         style = WARN if p.best_device and device != p.best_device else None
@@ -105,8 +109,9 @@ def render_load_report(report) -> Group:
     parts += [Text(f"kept `{name}`: the cell reads it before rebinding it", style=DIM) for name in report.kept_for_reads]
     if report.dry_run:
         parts.extend(prediction_table(item) for item in report.predictions)
+    accelerator = bool(getattr(report.memory_after, "accelerator_present", False))
     for placement in report.models:
-        parts.append(placement_table(placement, _predicted_for(report, placement.name)))
+        parts.append(placement_table(placement, _predicted_for(report, placement.name), accelerator_present=accelerator))
         parts += [
             Text(f"{item.name} shares {format_by_device(item.bytes_by_device)} with {item.shared_with}: the same weights, counted once in memory", style=DIM)
             for item in report.shared
@@ -116,6 +121,8 @@ def render_load_report(report) -> Group:
         parts.append(Clauses(f"Generation headroom: {headroom}", style="bold"))
     parts.append(kept_table(report.kept))
     parts.append(memory_table(report.memory_before, report.memory_after))
-    if report.error:
+    if report.load_failure:
+        parts.append(Text(f"The load failed: {report.load_failure} (traceback below).", style=WARN))
+    elif report.error:
         parts.append(Text(f"The cell raised {report.error} (traceback below).", style=WARN))
     return stack(parts)

@@ -31,6 +31,14 @@ def render_release(released, heading: str) -> Group:
     """What `%llmfree` did (or, in a dry run, would do)."""
     parts: list[Any] = [Text(heading + ("  (dry run: nothing released)" if released.dry_run else ""), style=HEADING)]
     parts.append(released_table(released, nothing="no object matched"))
+    if released.cut:
+        parts.append(
+            Text(
+                f"Searched only in part (too many objects): {', '.join(released.cut[:5])} — what they hold was not released; "
+                "%gpustate --deep shows it",
+                style=WARN,
+            )
+        )
     if released.also_cleared:
         parts.append(Text("Hidden copies dropped (the objects are still named): " + ", ".join(released.also_cleared), style=DIM))
     if not released.dry_run:
