@@ -1,23 +1,18 @@
-"""The executed quickstart, exported to HTML by nbconvert, as headless Chromium renders it.
+"""The quickstart notebook run in a real JupyterLab, in headless Chromium, as a person would.
 
-What a reader sees is checked from the browser's own DOM and layout: a small script appended to a
-copy of the page measures every `pre.llm-magic` table after layout (size, visibility, rendered
-text, colours against their real background) and leaves the result in the DOM, which
-`chromium --dump-dom` prints. A full-page screenshot goes to $LLM_MAGIC_ARTIFACTS/quickstart.png
-for a person to look at.
+A JupyterLab server starts on a loopback port with a token (tests/support/lab.py); Chromium,
+driven by Playwright, opens notebooks/quickstart.ipynb (a copy), runs every cell through the Run
+menu and waits for the kernel to be idle. Everything below is asserted from the live DOM and its
+layout (tests/support/probe.js), in JupyterLab's light and dark themes, at 1,280 and 800 px.
+Screenshots of both themes go to $LLM_MAGIC_ARTIFACTS (CI keeps them).
 
 Skipped without Chromium, unless LLM_MAGIC_REQUIRE_BROWSER=1 (CI), where that is a failure.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import os
 import re
-import shutil
-import subprocess
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -26,71 +21,21 @@ from support.demo import NOTEBOOKS
 pytestmark = pytest.mark.browser
 
 QUICKSTART = NOTEBOOKS / "quickstart.ipynb"
-WIDTH = 1280  # a laptop browser window
-MAX_HEIGHT = 16000  # screenshots taller than this are cut (Chromium's own limit is ~16k px)
+WIDTHS = (1280, 800)  # a laptop browser window; a half-screen one
+THEMES = ("light", "dark")
+MIN_CONTRAST = 4.5  # WCAG AA for body text
 ANSI = re.compile(r"\x1b\[|\[(?:\d{1,3};)*\d{1,3}m")
-MIN_CONTRAST = 3.0  # WCAG's minimum for large/bold text; body text should reach 4.5
-
-# Runs in the page after layout: everything the assertions need, as JSON on <body>.
-PROBE = """
-<script>
-(function () {
-  function effectiveBackground(el) {
-    for (; el; el = el.parentElement) {
-      const bg = getComputedStyle(el).backgroundColor;
-      const m = bg.match(/rgba?\\(([^)]+)\\)/);
-      if (m) {
-        const parts = m[1].split(",").map(Number);
-        if (parts.length < 4 || parts[3] > 0) return bg;
-      }
-    }
-    return "rgb(255, 255, 255)";
-  }
-  function visible(el) {
-    if (el.checkVisibility) return el.checkVisibility({checkOpacity: true, checkVisibilityCSS: true});
-    const s = getComputedStyle(el);
-    return s.display !== "none" && s.visibility !== "hidden" && Number(s.opacity) > 0;
-  }
-  const tables = Array.from(document.querySelectorAll("pre.llm-magic")).map(function (pre) {
-    const rect = pre.getBoundingClientRect();
-    const colours = {};
-    pre.querySelectorAll("span").forEach(function (span) {
-      const text = span.textContent.trim();
-      if (!text) return;
-      const s = getComputedStyle(span);
-      const key = s.color + " on " + effectiveBackground(span) + " / opacity " + s.opacity;
-      if (!(key in colours)) colours[key] = {color: s.color, background: effectiveBackground(span),
-                                             opacity: Number(s.opacity), sample: text.slice(0, 60)};
-    });
-    const own = getComputedStyle(pre);
-    return {
-      width: rect.width, height: rect.height, visible: visible(pre),
-      text: pre.innerText, scrollWidth: pre.scrollWidth, clientWidth: pre.clientWidth,
-      color: own.color, background: effectiveBackground(pre), fontSize: own.fontSize,
-      colours: Object.values(colours)
-    };
-  });
-  const outputHeadings = Array.from(document.querySelectorAll(".jp-OutputArea-output pre"))
-    .map(function (pre) { return pre.innerText.split("\\n")[0].trim(); });
-  document.body.setAttribute("data-llm-magic-probe", JSON.stringify({
-    tables: tables,
-    outputHeadings: outputHeadings,
-    pageText: document.body.innerText,
-    pageHeight: document.documentElement.scrollHeight
-  }));
-})();
-</script>
-"""
-
-
-def chromium_path() -> str | None:
-    return os.environ.get("LLM_MAGIC_CHROMIUM") or shutil.which("chromium") or (
-        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
-    )
+MAGIC = re.compile(r"^\s*%%?(?:llmload|llmfree|gpustate)\b", re.MULTILINE)
+NUMERIC_COLUMNS = {
+    "memory", "bytes", "modules", "share", "predicted", "before", "after", "change (system-wide)",
+    "total", "free", "this process", "others", "size",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
+    from support.lab import chromium_path
+
     path = chromium_path()
     if path is None:
         message = "Chromium not found (apt-get install chromium, or set LLM_MAGIC_CHROMIUM)"
@@ -98,36 +43,6 @@ def chromium() -> str:
             pytest.fail(message + "; LLM_MAGIC_REQUIRE_BROWSER=1")
         pytest.skip(message)
     return path
-
-
-def run_chromium(chromium: str, url: str, profile: Path, *args: str) -> str:
-    command = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}",
-        # The export links require.js and MathJax from a CDN: fail those at once, offline or not.
-        "--host-resolver-rules=MAP * ~NOTFOUND",
-        *args, url,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"chromium exited {done.returncode}:\n{done.stderr[-3000:]}"
-    return done.stdout
-
-
-class _BodyProbe(HTMLParser):
-    """Reads the probe's JSON from <body> and counts the llm_magic <pre> elements."""
-
-    def __init__(self):
-        super().__init__()
-        self.probe: dict | None = None
-        self.pre_count = 0
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "body" and "data-llm-magic-probe" in attrs:
-            self.probe = json.loads(attrs["data-llm-magic-probe"])
-        if tag == "pre" and "llm-magic" in (attrs.get("class") or "").split():
-            self.pre_count += 1
 
 
 @pytest.fixture(scope="module")
@@ -139,117 +54,215 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    from support.demo import build_demo_model, execute_notebook
+def lab(chromium, artifacts, tmp_path_factory):
+    """Run the quickstart in JupyterLab once; probe it per (theme, width); take screenshots.
 
-    model = build_demo_model(tmp_path_factory.mktemp("browser-model"))
-    return execute_notebook(QUICKSTART, model, allow_errors=True)
+    -> {"probes": {(theme, width): probe}, "screenshots": {theme: path}}
+    """
+    from support.demo import build_demo_model, kernel_env
+    from support.lab import LabPage, browser, lab_server
 
-
-def probe_page(chromium: str, page: Path, work: Path) -> tuple[dict, int]:
-    """(what the probe measured, number of pre.llm-magic in the DOM Chromium dumped)."""
-    probed = work / f"{page.stem}.probe.html"
-    probed.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    dom = run_chromium(chromium, probed.as_uri(), work / f"profile-{page.stem}", "--dump-dom")
-    parser = _BodyProbe()
-    parser.feed(dom)
-    assert parser.probe is not None, "the probe script did not run (JavaScript error?)"
-    return parser.probe, parser.pre_count
+    work = tmp_path_factory.mktemp("lab")
+    model = build_demo_model(work / "model")
+    probes, screenshots = {}, {}
+    with lab_server(work / "server", [QUICKSTART], kernel_env(model)) as server, browser(chromium) as chrome:
+        lab_page = LabPage(chrome.new_page(viewport={"width": WIDTHS[0], "height": 900}), server)
+        try:
+            lab_page.open(QUICKSTART.name)
+            lab_page.hide_left_sidebar()
+            lab_page.run_all()
+            for theme in THEMES:
+                lab_page.theme(theme)
+                for width in WIDTHS:
+                    lab_page.width(width)
+                    probes[theme, width] = lab_page.probe()
+                screenshots[theme] = lab_page.screenshot(artifacts / f"quickstart-{theme}.png", WIDTHS[0])
+                for name, prefix in (("llmload", "%%llmload"), ("gpustate", "%gpustate")):
+                    lab_page.screenshot_output(artifacts / f"quickstart-{theme}-{name}.png", prefix)
+        except Exception:
+            lab_page.page.screenshot(path=str(artifacts / "quickstart-failure.png"))
+            print(server.log_tail())
+            raise
+    return {"probes": probes, "screenshots": screenshots}
 
 
 @pytest.fixture(scope="module")
-def rendered(chromium, artifacts, quickstart, tmp_path_factory):
-    """(probe data, number of pre.llm-magic in the dumped DOM, screenshot path, notebook), light theme."""
-    from support.demo import export_html
-
-    work = tmp_path_factory.mktemp("browser")
-    page = export_html(quickstart, artifacts / "quickstart.html")
-    probe, pre_count = probe_page(chromium, page, work)
-    height = min(int(probe["pageHeight"]) + 40, MAX_HEIGHT)
-    screenshot = artifacts / "quickstart.png"
-    run_chromium(chromium, page.as_uri(), work / "profile-shot", f"--window-size={WIDTH},{height}",
-                 f"--screenshot={screenshot}", "--hide-scrollbars")
-    return probe, pre_count, screenshot, quickstart
+def light(lab) -> dict:
+    return lab["probes"]["light", WIDTHS[0]]
 
 
-@pytest.fixture(scope="module")
-def rendered_dark(chromium, quickstart, tmp_path_factory):
-    """The probe data of the same notebook exported with JupyterLab's dark theme."""
-    from support.demo import export_html
-
-    work = tmp_path_factory.mktemp("browser-dark")
-    probe, _ = probe_page(chromium, export_html(quickstart, work / "quickstart-dark.html", theme="dark"), work)
-    return probe
+def reports(probe: dict) -> list[dict]:
+    return [report for cell in probe["cells"] for report in cell["reports"]]
 
 
-def expected_tables(nb) -> int:
-    magic = re.compile(r"^\s*%%?(?:llmload|llmfree|gpustate)\b", re.MULTILINE)
-    return sum(len(magic.findall(cell.source)) for cell in nb.cells if cell.cell_type == "code")
+def report_after(probe: dict, prefix: str, occurrence: int = 0) -> dict:
+    cells = [cell for cell in probe["cells"] if cell["source"].lstrip().startswith(prefix)]
+    assert len(cells) > occurrence, f"no cell #{occurrence} starting with {prefix!r}"
+    (report,) = cells[occurrence]["reports"]
+    return report
 
 
-def test_every_magic_table_is_in_the_page(rendered):
-    probe, pre_count, _, nb = rendered
-    assert pre_count == len(probe["tables"]) == expected_tables(nb)
+def table(report: dict, caption_prefix: str) -> dict:
+    found = [t for t in report["tables"] if (t["caption"] or "").startswith(caption_prefix)]
+    assert found, f"no table titled {caption_prefix!r} in:\n{report['text']}"
+    return found[0]
 
 
-def test_each_table_is_shown_once(rendered):
-    # A second renderer (rich's own Jupyter display) would add a copy of each table.
-    probe, *_ = rendered
-    headings = [table["text"].split("\n")[0].strip() for table in probe["tables"]]
-    for heading in set(headings):
-        shown = probe["outputHeadings"].count(heading)
-        assert shown == headings.count(heading), f"{heading!r} is shown {shown} times in the outputs"
+def texts(row: list[dict]) -> list[str]:
+    return [cell["text"] for cell in row]
 
 
-def test_tables_are_visible_with_real_size(rendered):
-    probe, *_ = rendered
-    for table in probe["tables"]:
-        first = table["text"].splitlines()[0] if table["text"] else "(empty)"
-        assert table["visible"], f"table {first!r} is hidden"
-        assert table["width"] > 200 and table["height"] > 40, f"table {first!r} is {table['width']}x{table['height']} px"
-        assert float(table["fontSize"].removesuffix("px")) >= 11, f"table {first!r} font is {table['fontSize']}"
+# --- the notebook ran, in the page users work in ------------------------------------------------
 
 
-def test_tables_fit_the_window_without_scrolling(rendered):
-    probe, *_ = rendered
-    for table in probe["tables"]:
-        assert table["scrollWidth"] <= table["clientWidth"] + 1, (
-            f"table {table['text'].splitlines()[0]!r} is cut off at {WIDTH} px: "
-            f"{table['scrollWidth']} px of content in {table['clientWidth']} px"
-        )
+def test_every_cell_ran_in_the_live_kernel(light):
+    prompts = [cell["prompt"] for cell in light["cells"]]
+    assert prompts and all(re.fullmatch(r"\[\d+\]:", p) for p in prompts), prompts
+    assert "old model freed: True" in light["pageText"] and "model freed: True" in light["pageText"]
 
 
-def test_tables_have_rows_and_device_names(rendered):
-    probe, *_ = rendered
-    texts = [table["text"] for table in probe["tables"]]
-    load = next(text for text in texts if text.lstrip().startswith("%%llmload"))
-    # The header row, then a row per released object, a row per device.
-    assert re.search(r"object\s+type\s+memory", load)
-    assert re.search(r"^\s*model\s+LlamaForCausalLM\s+.*freed", load, re.MULTILINE), load
-    assert re.search(r"^\s*cpu\s+\d+\s+[\d.]+ [KMG]iB\s+100%", load, re.MULTILINE), load
-    assert all("cpu" in text for text in texts if "gpustate" in text)
-    for text in texts:
-        assert len([line for line in text.splitlines() if line.strip()]) >= 3, f"table with no rows:\n{text}"
+def test_each_magic_shows_one_report(light):
+    # One per magic line: a second renderer (rich's own Jupyter display) would add a copy.
+    for cell in light["cells"]:
+        assert len(cell["reports"]) == len(MAGIC.findall(cell["source"])), cell["source"]
+    assert len(reports(light)) == 5
 
 
-def test_no_terminal_colour_codes_in_visible_text(rendered):
-    probe, *_ = rendered
-    match = ANSI.search(probe["pageText"])
-    assert match is None, f"raw colour code in the page: ...{probe['pageText'][max(0, match.start() - 80):match.end() + 40]!r}"
+# --- real tables --------------------------------------------------------------------------------
 
 
-def _rgba(css: str) -> tuple[float, float, float, float]:
-    values = [float(v) for v in re.findall(r"[\d.]+", css)]
-    return (*values[:3], values[3] if len(values) > 3 else 1.0)
+def test_reports_are_html_tables_with_header_cells(light):
+    for report in reports(light):
+        assert report["tables"], f"a report with no <table>:\n{report['text']}"
+        assert report["preCount"] == 0, "a report fell back to preformatted text"
+        for t in report["tables"]:
+            assert t["headers"] and all(h["tag"] == "th" for h in t["headers"]), t
+            assert t["rows"], f"table {t['caption']!r} has no rows"
 
 
-def _over(foreground: tuple, background: tuple) -> tuple[float, float, float]:
-    """A translucent colour as it shows on an opaque background (alpha compositing)."""
-    alpha = foreground[3]
-    return tuple(alpha * f + (1 - alpha) * b for f, b in zip(foreground[:3], background[:3]))
+def test_load_report_rows_name_the_right_devices_and_objects(light):
+    report = report_after(light, "%%llmload")
+    released = table(report, "Released")
+    assert texts(released["headers"])[:3] == ["object", "type", "memory"]
+    (row,) = released["rows"]
+    assert texts(row)[:2] == ["model", "LlamaForCausalLM"] and texts(row)[-1].startswith("freed")
+    placement = table(report, "model: LlamaForCausalLM")
+    (device_row,) = placement["rows"]
+    assert device_row[0]["text"] == "cpu" and re.fullmatch(r"\d+", device_row[1]["text"])
+    assert re.fullmatch(r"[\d.]+ [KMG]iB", device_row[2]["text"]) and device_row[3]["text"] == "100%"
+    assert [texts(r)[0] for r in table(report, "Free memory")["rows"]] == ["cpu"]
 
 
-def _luminance(rgb: tuple) -> float:
+def test_gpustate_tables_have_a_row_per_device_and_holder(light):
+    before = report_after(light, "%gpustate", 0)
+    assert [texts(r)[0] for r in table(before, "Memory")["rows"]] == ["cpu"]
+    holders = table(before, "Holders")
+    (row,) = holders["rows"]
+    assert row[0]["text"] == "model" and "Out[" in row[-1]["text"] and "traceback" in row[-1]["text"]
+    after = report_after(light, "%gpustate", 1)
+    (row,) = table(after, "Holders")["rows"]
+    assert "Out[" not in " ".join(texts(row)) and "traceback" not in " ".join(texts(row))
+
+
+def test_numbers_are_right_aligned_and_text_left_aligned(light):
+    checked = 0
+    for report in reports(light):
+        for t in report["tables"]:
+            for index, header in enumerate(t["headers"]):
+                want = "right" if header["text"] in NUMERIC_COLUMNS else "left"
+                assert header["align"] == want, f"header {header['text']!r} is {header['align']}"
+                for row in t["rows"]:
+                    assert row[index]["align"] == want, f"{header['text']!r} cell {row[index]['text']!r} is {row[index]['align']}"
+                    checked += 1
+    assert checked > 20
+
+
+def test_tables_are_visible_with_real_size(light):
+    for report in reports(light):
+        first = report["text"].splitlines()[0] if report["text"] else "(empty)"
+        assert report["visible"], f"report {first!r} is hidden"
+        assert report["width"] > 200 and report["height"] > 40, f"report {first!r} is {report['width']}x{report['height']} px"
+        assert report["fontSize"] >= 12, f"report {first!r} font is {report['fontSize']} px"
+
+
+def test_tables_are_rendered_not_shown_as_markup(light):
+    assert "<span" not in light["pageText"] and "<table" not in light["pageText"] and "<div" not in light["pageText"]
+
+
+# --- fits the page, in both themes, at both widths ----------------------------------------------
+
+
+@pytest.mark.parametrize("theme", THEMES)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_nothing_overflows_the_cell(lab, theme, width):
+    probe = lab["probes"][theme, width]
+    assert probe["viewport"] == width
+    for report in reports(probe):
+        first = report["text"].splitlines()[0]
+        assert report["scrollWidth"] <= report["clientWidth"] + 1, f"{first!r} scrolls at {width} px"
+        assert report["areaScrollWidth"] <= report["areaClientWidth"] + 1, f"{first!r}'s output area scrolls at {width} px"
+        assert not report["overflowing"], f"{first!r} at {width} px:\n" + "\n".join(report["overflowing"][:5])
+
+
+def test_tables_reflow_with_the_page(lab):
+    # Narrower window, same content, no overflow: the wide table wraps its text cells instead.
+    wide = report_after(lab["probes"]["light", 1280], "%gpustate", 0)
+    narrow = report_after(lab["probes"]["light", 800], "%gpustate", 0)
+    assert narrow["width"] < wide["width"] and narrow["height"] >= wide["height"]
+
+
+def test_contrast_arithmetic():
+    assert contrast([0, 0, 0, 1], [255, 255, 255]) == pytest.approx(21.0)
+    assert contrast([119, 119, 119, 1], [255, 255, 255]) == pytest.approx(4.48, abs=0.01)
+    assert contrast([0, 0, 0, 0], [255, 255, 255]) == pytest.approx(1.0)
+    assert contrast([0, 0, 0, 1], [255, 255, 255], opacity=0.5) == pytest.approx(3.98, abs=0.01)
+
+
+@pytest.mark.parametrize("theme", THEMES)
+def test_text_is_readable_in_light_and_dark_themes(lab, theme):
+    probe = lab["probes"][theme, WIDTHS[0]]
+    assert probe["themeLight"] == ("true" if theme == "light" else "false"), probe["theme"]
+    poor, seen = [], set()
+    for report in reports(probe):
+        for colour in report["colours"]:
+            seen.add(str(colour["color"]))
+            ratio = contrast(colour["color"], colour["background"], colour["opacity"])
+            if ratio < MIN_CONTRAST:
+                poor.append(f"{colour['sample']!r}: {colour['color']} on {colour['background']} = {ratio:.2f}:1")
+    assert len(seen) >= 4, f"only {len(seen)} text colours measured: {seen}"  # text, dim, heading, ok at least
+    assert not poor, f"text below {MIN_CONTRAST}:1 on the {theme} theme:\n" + "\n".join(sorted(set(poor)))
+
+
+def test_warning_is_a_styled_block_not_text(lab):
+    # The quickstart loads without a warning; the warning's own rendering is checked in
+    # tests/test_render_html.py. Here: no report shows a terminal box drawn with characters.
+    for report in reports(lab["probes"]["light", WIDTHS[0]]):
+        assert not re.search(r"[┏┃┗━─]", report["text"]), report["text"]
+
+
+# --- what a JupyterLab user sees besides the tables ---------------------------------------------
+
+
+@pytest.mark.parametrize("theme", THEMES)
+def test_no_colour_codes_and_no_progress_warning(lab, theme):
+    text = lab["probes"][theme, WIDTHS[0]]["pageText"]
+    match = ANSI.search(text)
+    assert match is None, f"raw colour code in the page: ...{text[max(0, match.start() - 80):match.end() + 40]!r}"
+    assert "IProgress not found" not in text
+
+
+@pytest.mark.parametrize("theme", THEMES)
+def test_screenshots_were_written(lab, theme):
+    data = lab["screenshots"][theme].read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width == WIDTHS[0] and height > 1500  # the whole notebook, not one window of it
+
+
+# --- contrast, as WCAG defines it ---------------------------------------------------------------
+
+
+def _luminance(rgb) -> float:
     def linear(c: float) -> float:
         c /= 255
         return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
@@ -258,54 +271,9 @@ def _luminance(rgb: tuple) -> float:
     return 0.2126 * red + 0.7152 * green + 0.0722 * blue
 
 
-def contrast(foreground: str, background: str, opacity: float = 1.0) -> float:
-    """WCAG contrast ratio of CSS colours, translucency (colour alpha, element opacity) applied."""
-    back = _rgba(background)[:3]
-    red, green, blue, alpha = _rgba(foreground)
-    fore = _over((red, green, blue, alpha * opacity), back)
-    lighter, darker = sorted((_luminance(fore), _luminance(back)), reverse=True)
+def contrast(foreground, background, opacity: float = 1.0) -> float:
+    """WCAG contrast of an [r, g, b, alpha] colour (element opacity applied) on an opaque [r, g, b]."""
+    alpha = foreground[3] * opacity
+    shown = [alpha * f + (1 - alpha) * b for f, b in zip(foreground[:3], background[:3])]
+    lighter, darker = sorted((_luminance(shown), _luminance(background)), reverse=True)
     return (lighter + 0.05) / (darker + 0.05)
-
-
-def test_contrast_arithmetic():
-    assert contrast("rgb(0, 0, 0)", "rgb(255, 255, 255)") == pytest.approx(21.0)
-    assert contrast("rgb(119, 119, 119)", "rgb(255, 255, 255)") == pytest.approx(4.48, abs=0.01)
-    assert contrast("rgba(0, 0, 0, 0)", "rgb(255, 255, 255)") == pytest.approx(1.0)
-
-
-def poorly_contrasted(probe: dict) -> list[str]:
-    poor = []
-    for table in probe["tables"]:
-        plain = {"color": table["color"], "background": table["background"], "opacity": 1.0, "sample": "(uncoloured text)"}
-        for colour in table["colours"] + [plain]:
-            ratio = contrast(colour["color"], colour["background"], colour["opacity"])
-            if ratio < MIN_CONTRAST:
-                poor.append(f"{colour['sample']!r}: {colour['color']} on {colour['background']} = {ratio:.1f}:1")
-    return sorted(set(poor))
-
-
-def test_coloured_text_is_readable_on_its_background(rendered):
-    probe, *_ = rendered
-    poor = poorly_contrasted(probe)
-    assert not poor, f"text below {MIN_CONTRAST}:1 contrast:\n" + "\n".join(poor)
-
-
-def test_coloured_text_is_readable_in_the_dark_theme(rendered_dark):
-    # JupyterLab's dark theme: inline colours chosen for white paper can vanish on #111.
-    poor = poorly_contrasted(rendered_dark)
-    assert not poor, f"text below {MIN_CONTRAST}:1 contrast on the dark theme:\n" + "\n".join(poor)
-
-
-def test_screenshot_was_written(rendered):
-    *_, screenshot, _ = rendered
-    data = screenshot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    # PNG header: width and height, big-endian, at bytes 16-24.
-    width = int.from_bytes(data[16:20], "big")
-    assert width == WIDTH
-
-
-def test_tables_are_rendered_not_shown_as_markup(rendered):
-    # nbconvert must not have escaped the tables' HTML into visible markup.
-    probe, *_ = rendered
-    assert "<span" not in probe["pageText"] and html.escape("<pre") not in probe["pageText"]

@@ -230,3 +230,63 @@ def test_rescue_oom_explained_below_the_traceback_and_frames_freed(rescue):
     assert "tried to allocate 2 GiB" in explanation and "Freed now: 47.7 MiB cpu" in explanation
     assert any(MAGIC_CLASS in out["data"].get("text/html", "") for out in after_error if out.output_type == "display_data")
     assert "activations freed: True" in stdout(cells[cell_index(rescue, 'print("activations freed:"')])
+
+
+# --- what a JupyterLab user sees besides the reports ----------------------------------------------
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PATHS, ids=lambda p: p.name)
+def test_no_progress_warning_and_bars_shown_as_they_end(executed, path):
+    # The kernel runs with what a JupyterLab user of transformers has (ipywidgets): tqdm draws its
+    # bars as widgets and never warns "IProgress not found"; nothing is hidden from the demo.
+    from support.demo import WIDGET_VIEW, format_transcript
+
+    nb = executed(path)
+    for cell in code_cells(nb):
+        assert "IProgress not found" not in all_text(cell)
+        assert not [out for out in cell.outputs if out.output_type == "stream" and out.name == "stderr" and "Warning" in out.text]
+    bars = [out for cell in code_cells(nb) for out in cell.outputs if WIDGET_VIEW in out.get("data", {})]
+    transcript = format_transcript(nb)
+    # The transcript shows each bar as JupyterLab does when the cell is done, not as first drawn.
+    assert transcript.count("100%|██████████|") == len(bars)
+    assert "  0%|" not in transcript
+
+
+def test_setup_cell_builds_the_model_once_into_the_cache(tmp_path):
+    # Run by hand (no LLM_MAGIC_DEMO_MODEL), the first cell builds the model into a fixed cache
+    # folder and reuses it: running it again writes nothing, and no temporary folder is left.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    nb = json.loads(QUICKSTART.read_text(encoding="utf-8"))
+    setup = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+    assert "LLM_MAGIC_DEMO_MODEL" in setup
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "LLM_MAGIC_DEMO_MODEL"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), TMPDIR=str(scratch))
+    runs = [subprocess.run([sys.executable, "-c", setup], env=env, capture_output=True, text=True, check=True) for _ in range(2)]
+    model = tmp_path / "cache" / "llm_magic" / "demo-model"
+    assert all(run.stdout.strip() == f"model: {model}" for run in runs)
+    weights = model / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    subprocess.run([sys.executable, "-c", setup], env=env, capture_output=True, check=True)
+    assert weights.stat().st_mtime_ns == before
+    assert not list(scratch.iterdir()), "the setup cell left files in the temp dir"
+
+
+def test_demo_model_is_built_once_and_reused(tmp_path):
+    from support.demo import build_demo_model
+
+    first = build_demo_model(tmp_path / "m")
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert build_demo_model(tmp_path / "m") == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_demo_runs_every_notebook():
+    from support.demo import DEMO_NOTEBOOKS
+
+    assert sorted(DEMO_NOTEBOOKS) == sorted(path.name for path in NOTEBOOK_PATHS)

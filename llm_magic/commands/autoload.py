@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+# The values `--dtype` and `--device-map` take, in the magic's help and in the README (a test
+# checks that the README lists these). The first is the default. --device-map also takes any
+# other device string transformers accepts (cuda:1, mps, ...).
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+DEVICE_MAP_CHOICES = ("auto", "sequential", "cpu", "cuda:0", "none")
+
 
 def parse_device_map(value: str) -> Any:
     """'auto', 'cpu', 'cuda:0', ... as given; 'none' means no device_map (plain cpu load)."""

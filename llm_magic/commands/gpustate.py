@@ -1,7 +1,7 @@
 """The `%gpustate` snapshot: memory per device, who holds it, and what does not add up.
 
 Pure logic: it takes the user's visible roots and the hidden references (release.HiddenRef) as
-arguments. It never initialises CUDA and never allocates on a device (devices.py reads only
+arguments. It never initialises CUDA and never allocates on a device (measure/memory.py reads only
 what is already measured).
 """
 

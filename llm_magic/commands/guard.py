@@ -11,7 +11,7 @@ and the same rules as `%%llmload`:
 - anything that could not be freed is named.
 After the cell, each model it bound gets its placement line.
 
-The functions return plain events; ipython/guard_hooks.py calls them and render/guard.py
+The functions return plain events; ipython/hooks.py calls them and render/watch.py
 writes the lines.
 """
 

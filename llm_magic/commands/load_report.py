@@ -61,6 +61,7 @@ class LoadReport:
     error: str | None = None  # the body's exception, one line
     load_failure: str | None = None  # when a load failed inside transformers: why, in plain words
     dry_run: bool = False
+    magic: str = "%%llmload"  # as the user typed it: "%llmload" for the line form (the report's heading)
 
     def to_dict(self) -> dict:
         return {

@@ -6,7 +6,7 @@ Two kinds of use:
 - the attributes of the hooks `dispatch_model` attaches to a model, read to tell where an
   offloaded weight lives and where a layer computes. They are instance attributes of
   `AlignDevicesHook` / `SequentialHook` and of the weights maps (`PrefixedDataset`,
-  `OffloadedWeightsLoader`), read from the instance `__dict__` (`engine.walk.instance_dict`) so
+  `OffloadedWeightsLoader`), read from the instance `__dict__` (`engine.shapes.instance_dict`) so
   no user code or property runs; an attribute that is not there reads as "no offload record"
   (the caller then reports the bytes as unknown), never as an error.
 

@@ -7,6 +7,8 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Int
 
+from llm_magic.commands.autoload import DEVICE_MAP_CHOICES, DTYPE_CHOICES
+
 
 def split_names(line: str) -> list[str]:
     """Split a magic line on spaces outside brackets and quotes: `d['a b'] -o` -> 2 tokens."""
@@ -62,8 +64,12 @@ class LLMMagic(Magics):
     @argument("--model-var", default="model", help="Empty body: the variable for the model (default: model).")
     @argument("--tokenizer-var", default="tokenizer", help="Empty body: the variable for the tokenizer (default: tokenizer).")
     @argument("--no-tokenizer", action="store_true", help="Empty body: load no tokenizer.")
-    @argument("--dtype", default="auto", help="Empty body: dtype (auto, bfloat16, float16, float32; default: auto).")
-    @argument("--device-map", default="auto", help="Empty body: device_map (auto, cpu, cuda:0, none; default: auto).")
+    @argument("--dtype", default=DTYPE_CHOICES[0], help=f"Empty body: dtype ({', '.join(DTYPE_CHOICES)}; default: {DTYPE_CHOICES[0]}).")
+    @argument(
+        "--device-map",
+        default=DEVICE_MAP_CHOICES[0],
+        help=f"Empty body: device_map ({', '.join(DEVICE_MAP_CHOICES)}; default: {DEVICE_MAP_CHOICES[0]}).",
+    )
     @argument("--trust-remote-code", action="store_true", help="Empty body: pass trust_remote_code=True (off unless given).")
     @argument("--release-all", action="store_true", help="Also release every other object in the namespace that holds tensors.")
     @argument("--dry-run", action="store_true", help="Predict placement (and what would be released); release and load nothing.")
@@ -80,14 +86,17 @@ class LLMMagic(Magics):
         With no body (`%llmload MODEL_NAME`), loads `tokenizer` and `model` itself.
         """
         __tracebackhide__ = True  # noqa: F841 - IPython hides this frame in tracebacks
+        from dataclasses import replace
+
         from llm_magic.cell.body import CellSyntaxError
         from llm_magic.commands.llmload import LoadOptions, run_llmload
         from llm_magic.render.core import show
         from llm_magic.render.load import render_load_report
 
+        magic = "%llmload" if cell is None else "%%llmload"  # as typed: the line or the cell form
         args = parse_argstring(self.llmload, line)
         if not args.model_name:
-            raise UsageError("%llmload needs a MODEL_NAME (a model id or a local path)")
+            raise UsageError(f"{magic} needs a MODEL_NAME (a model id or a local path)")
         options = LoadOptions(
             model_name=args.model_name.strip("'\""),
             model_var=args.model_var,
@@ -106,10 +115,11 @@ class LLMMagic(Magics):
             outcome = run_llmload(self.shell, options, cell)
         except (CellSyntaxError, ValueError) as error:
             raise UsageError(str(error)) from None
-        show(render_load_report(outcome.report))
+        report = replace(outcome.report, magic=magic)
+        show(render_load_report(report))
         if outcome.error is not None:
             raise outcome.error
-        return outcome.report if args.output else outcome.value
+        return report if args.output else outcome.value
 
     @magic_arguments()
     @argument("names", nargs="*", help="Objects to release: NAME, NAME.attr or NAME['key'].")
@@ -137,7 +147,7 @@ class LLMMagic(Magics):
 
     @magic_arguments()
     @argument("--all", action="store_true", dest="include_small", help="Include small holders too.")
-    @argument("--deep", action="store_true", help="Also search unnamed holders through gc (slower on big heaps).")
+    @argument("--deep", action="store_true", help="Walk every name to the end, and search unnamed holders through gc (slower on big heaps).")
     @argument("--json", action="store_true", help="Print the snapshot as JSON (the same numbers).")
     @argument("-o", "--output", action="store_true", help="Return the snapshot object.")
     @line_magic

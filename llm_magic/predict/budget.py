@@ -137,7 +137,7 @@ def free_after_release(
 
     `snapshot`: a `measure.memory.MemorySnapshot`. `freed`: bytes the release will free per
     device ("cuda:0", "cpu"). `empty_cache`: the release hands PyTorch's cached blocks back to
-    the driver (`release.collect_garbage` does whenever CUDA is initialised), so every GPU's
+    the driver (`release.return_memory` does whenever CUDA is initialised), so every GPU's
     cache counts as driver-free and `cached_unused` is 0. False: the cache the snapshot shows
     stays cached (what `autoload_budget` models).
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_magic.names import normalize_device
 from llm_magic.measure.headroom import (
     accelerate_hooks,
     decoder_layers,
@@ -29,6 +28,7 @@ from llm_magic.measure.kvcache import (
     has_sliding_layers,
     text_config,
 )
+from llm_magic.names import normalize_device
 
 # Attention implementations simulated as they are; the others run as sdpa, whose memory (output
 # and log-sum-exp, no score matrix) is what the fused kernels (flash attention 2/3) hold too.

@@ -8,6 +8,7 @@ changes anything.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 from rich import box
@@ -16,22 +17,26 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-# Explicit colours that keep a 3:1 contrast on light and dark notebook themes alike (rich's
-# named "red" exports as #800000, unreadable on a dark background).
+# The report's colours, by meaning. The terminal shows these colours (explicit ones: rich's
+# named "red" is #800000, unreadable on a dark background); the HTML renderer (render/html.py)
+# maps each back to its meaning, a CSS class coloured from the notebook's own theme.
+PALETTE = {
+    "warn": "#d32f2f",
+    "ok": "#2e7d32",
+    "heading": "#00838f",
+    "hidden": "#b26a00",
+    "unnamed": "#8e24aa",
+}
 
-
-WARN = "bold #d32f2f"
-
-
-OK = "#2e7d32"
-
-
-HEADING = "bold #00838f"
-HIDDEN_STYLE = "#b26a00"
-UNNAMED_STYLE = "#8e24aa"
-
-
+WARN = f"bold {PALETTE['warn']}"
+OK = PALETTE["ok"]
+HEADING = f"bold {PALETTE['heading']}"
+HIDDEN_STYLE = PALETTE["hidden"]
+UNNAMED_STYLE = PALETTE["unnamed"]
 DIM = "dim"
+
+# Text-only output (text/plain in a notebook, logs) is this wide; a terminal uses its own width.
+PLAIN_WIDTH = 110
 
 
 def new_table(title: str, *columns: tuple[str, str]) -> Table:
@@ -47,7 +52,12 @@ def new_table(title: str, *columns: tuple[str, str]) -> Table:
 
 
 def stack(parts: Iterable[Any]) -> Group:
-    """Sections one under the other, a blank line before each table so titles stand apart."""
+    """Sections one under the other, a blank line before each table so titles stand apart.
+
+    A table's caption (a hint such as "free them with %llmfree NAME") becomes a line of its own
+    under the table: rich wraps a caption to the table's width, which for a narrow table cuts a
+    one-line hint into three in a wide terminal.
+    """
     stacked: list[Any] = []
     for part in parts:
         if part is None:
@@ -55,7 +65,54 @@ def stack(parts: Iterable[Any]) -> Group:
         if stacked and isinstance(part, (Table, Panel)):
             stacked.append(Text(""))
         stacked.append(part)
+        caption = part.caption if isinstance(part, Table) else None
+        if caption:
+            part.caption = None
+            stacked.append(caption if isinstance(caption, Text) else Clauses(str(caption), style=DIM))
     return Group(*stacked)
+
+
+class Clauses:
+    """One line of prose that, when it does not fit, breaks between its clauses (after ": ",
+    "; " or ", ") instead of wherever the width runs out, so no line ends with a lone word
+    ("... tokens fit at batch" / "1"); continuation lines are indented. A terminal's width
+    decides; the HTML renderer shows `plain` and lets the page wrap it.
+    """
+
+    INDENT = "  "
+
+    def __init__(self, plain: str, style: str | None = None):
+        self.plain = plain
+        self.style = style
+
+    def __str__(self) -> str:
+        return self.plain
+
+    def pieces(self) -> list[str]:
+        return re.split(r"(?<=[:;,]) (?=\S)", self.plain)
+
+    def lines(self, width: int) -> list[str]:
+        """The line broken at clause boundaries to fit `width` columns (a clause wider than
+        that stays whole: rich then wraps it at words)."""
+        from rich.cells import cell_len
+
+        lines: list[str] = []
+        for piece in self.pieces():
+            if lines and cell_len(f"{lines[-1]} {piece}") <= width:
+                lines[-1] = f"{lines[-1]} {piece}"
+            else:
+                lines.append(piece if not lines else self.INDENT + piece)
+        return lines
+
+    def __rich_console__(self, console, options):
+        for line in self.lines(options.max_width):
+            yield Text(line, style=self.style or "")
+
+    def __rich_measure__(self, console, options):
+        from rich.cells import cell_len
+        from rich.measure import Measurement
+
+        return Measurement(max(map(cell_len, self.pieces())), cell_len(self.plain))
 
 
 def warnings_panel(warnings: Iterable[str]) -> Panel | None:
@@ -63,26 +120,20 @@ def warnings_panel(warnings: Iterable[str]) -> Panel | None:
     if not warnings:
         return None
     body = Text("\n".join(f"⚠ {w}" for w in warnings), style=WARN)
-    return Panel(body, title="Warning", title_align="left", border_style="red", box=box.HEAVY)
+    return Panel(body, title="Warning", title_align="left", border_style=PALETTE["warn"], box=box.HEAVY)
 
 
-def mimebundle(renderable, width: int = 110) -> dict[str, str]:
-    """text/plain (no colour codes) and text/html (inline styles) for one renderable."""
+def mimebundle(renderable, width: int = PLAIN_WIDTH) -> dict[str, str]:
+    """text/plain (what a terminal shows, without colour codes) and text/html (semantic HTML
+    styled by the notebook's theme, see render/html.py) for one renderable."""
+    from llm_magic.render.html import to_html
+
     # force_jupyter=False: in a kernel, a recording console would otherwise display its own copy.
-    console = Console(
-        record=True, width=width, file=_Discard(), color_system="truecolor", force_terminal=True, force_jupyter=False
-    )
+    console = Console(record=True, width=width, file=_Discard(), force_terminal=True, force_jupyter=False)
     console.print(renderable)
-    html = console.export_html(inline_styles=True, code_format=_HTML_FORMAT, clear=False)
-    text = console.export_text(clear=True, styles=False)
-    return {"text/plain": text, "text/html": html}
-
-
-_HTML_FORMAT = (
-    '<pre class="llm-magic" style="white-space:pre;overflow-x:auto;line-height:1.35;'
-    "font-family:Menlo,'DejaVu Sans Mono',Consolas,'Courier New',monospace;font-size:13px\">"
-    "<code>{code}</code></pre>"
-)
+    # rich pads a table's title to the table's width: trailing spaces help no reader or log.
+    text = "\n".join(line.rstrip() for line in console.export_text(clear=True, styles=False).split("\n"))
+    return {"text/plain": text, "text/html": to_html(renderable)}
 
 
 class _Discard:
@@ -94,7 +145,7 @@ class _Discard:
 
 
 def show(renderable) -> None:
-    """Print in a terminal (with colour when it is one); display HTML in a notebook."""
+    """Print in a terminal (with colour when it is one, at its width); display HTML in a notebook."""
     if _in_kernel():
         from IPython.display import display
 

@@ -9,7 +9,15 @@ from rich.table import Table
 from rich.text import Text
 
 from llm_magic.names import device_sort_key
-from llm_magic.render.core import DIM, HEADING, WARN, new_table, stack, warnings_panel
+from llm_magic.render.core import (
+    DIM,
+    HEADING,
+    WARN,
+    Clauses,
+    new_table,
+    stack,
+    warnings_panel,
+)
 from llm_magic.render.release import released_table
 from llm_magic.units import format_by_device, format_bytes
 
@@ -94,7 +102,7 @@ def _predicted_for(report, name: str) -> dict[str, int] | None:
 
 def render_load_report(report) -> Group:
     parts: list[Any] = []
-    heading = f"%%llmload {report.model_name}" + ("  (dry run: nothing released, nothing loaded)" if report.dry_run else "")
+    heading = f"{report.magic} {report.model_name}" + ("  (dry run: nothing released, nothing loaded)" if report.dry_run else "")
     parts.append(Text(heading, style=HEADING))
     parts.append(warnings_panel(report.warnings))
     parts.append(released_table(report.released))
@@ -110,7 +118,7 @@ def render_load_report(report) -> Group:
             if item.name == placement.name
         ]
     for headroom in report.headroom:
-        parts.append(Text(headroom.line, style="bold"))
+        parts.append(Clauses(headroom.line, style="bold"))
     parts.append(kept_table(report.kept))
     parts.append(memory_table(report.memory_before, report.memory_after))
     if report.load_failure:
