@@ -110,12 +110,15 @@ def test_oom_rescue_names_the_input_that_failed(shell, model):
 def test_a_model_the_simulation_cannot_run_gets_unknown_not_an_error(shell, tiny_model, monkeypatch):
     """Modeling code that fails on fake tensors (or a private helper gone): one "unknown" line
     with the reason, and %%llmload loads and reports as before."""
-    from llm_magic.predict import gen_replica
+    from collections import OrderedDict
+
+    from llm_magic.predict import gen_replica, generation
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fake kernel for this operator")
 
     monkeypatch.setattr(gen_replica, "_construct", broken)
+    monkeypatch.setattr(generation, "_RECENT", OrderedDict())  # no simulation kept from earlier tests
     shell.user_ns["_path"] = tiny_model
     shell.run_cell("from transformers import AutoModelForCausalLM")
     result, captured = run(shell, "%%llmload $_path -o\nmodel = AutoModelForCausalLM.from_pretrained(MODEL_NAME)")
@@ -123,3 +126,30 @@ def test_a_model_the_simulation_cannot_run_gets_unknown_not_an_error(shell, tiny
     [item] = result.result.headroom
     assert item.generation.summary == "unknown (RuntimeError: no fake kernel for this operator)"
     assert "Generation headroom of model: unknown (RuntimeError: no fake kernel for this operator)" in flat(captured.stdout)
+
+
+def test_a_reload_of_the_same_model_reuses_its_simulations_and_keeps_no_model(tiny_model):
+    """Re-running a load cell loads the same checkpoint: its fake runs are not repeated, and the
+    kept simulations hold no reference to the real model."""
+    import gc
+    import weakref
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm_magic.predict.generation import GenerationPredictor
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    first = GenerationPredictor.for_model(model)
+    first.peaks(1, 32, 8)
+    runs = first.simulator.runs
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None
+    again = GenerationPredictor.for_model(AutoModelForCausalLM.from_pretrained(tiny_model))
+    assert again is first
+    again.peaks(1, 32, 8)
+    assert again.simulator.runs == runs  # the same simulation, not run again
+    other = GenerationPredictor.for_model(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16))
+    assert other is not first

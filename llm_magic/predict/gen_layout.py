@@ -66,6 +66,32 @@ class GenLayout:
         return tuple(dict.fromkeys((self.main_device, *self.layer_devices, self.head_device)))
 
 
+def layout_signature(layout: GenLayout) -> tuple:
+    """What makes two layouts simulate alike, as plain comparable values.
+
+    The config by its JSON text (a config that cannot say is unique: never matched); dtypes and
+    classes by name; dicts as sorted pairs.
+    """
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return tuple(sorted((str(key), plain(item)) for key, item in value.items()))
+        if isinstance(value, (tuple, list)):
+            return tuple(plain(item) for item in value)
+        if isinstance(value, type):
+            return f"{value.__module__}.{value.__qualname__}"
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        to_json = getattr(value, "to_json_string", None)
+        if callable(to_json):
+            try:
+                return to_json(use_diff=False)
+            except Exception:  # noqa: BLE001 - an odd config: never equal to another
+                return ("unique", id(value))
+        return str(value)  # torch dtypes: "torch.bfloat16"
+
+    return tuple((name, plain(getattr(layout, name))) for name in layout.__dataclass_fields__ if name != "notes")
+
+
 def context_window(config: Any) -> int | None:
     text = text_config(config)
     for name in CONTEXT_FIELDS:

@@ -16,14 +16,19 @@ now, or a budget minus the weights already there).
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_magic.predict.gen_layout import GenLayout, layout_of_loaded
+from llm_magic.predict.gen_layout import GenLayout, layout_of_loaded, layout_signature
 from llm_magic.predict.gen_replica import Simulator
 from llm_magic.predict.gen_search import PeakCurve, largest_fitting
 
 Peaks = dict  # device -> bytes
+
+
+_KEEP = 4  # predictors kept for reloads of the same model, most recent last
+_RECENT: "OrderedDict[tuple, GenerationPredictor]" = OrderedDict()
 
 
 class GenerationUnknown(Exception):
@@ -88,10 +93,22 @@ class GenerationPredictor:
 
     @classmethod
     def for_model(cls, model: Any) -> "GenerationPredictor":
+        """The predictor of a loaded model, reusing the simulations of an identical one.
+
+        Re-running a load cell loads the same checkpoint again: same class, config, dtype,
+        attention and placement, so the same fake runs. The last few predictors are kept (they
+        hold fake tensors and configs, no real memory), so a reload costs no simulation.
+        """
         try:
-            return cls(layout_of_loaded(model))
+            layout = layout_of_loaded(model)
+            key = layout_signature(layout)
+            predictor = _RECENT.pop(key, None) or cls(layout)
         except Exception as error:  # noqa: BLE001 - any modeling code can fail on fake tensors
             raise GenerationUnknown(_why(error)) from error
+        _RECENT[key] = predictor
+        while len(_RECENT) > _KEEP:
+            _RECENT.popitem(last=False)
+        return predictor
 
     @property
     def context_window(self) -> int | None:
