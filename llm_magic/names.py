@@ -42,7 +42,10 @@ DTYPE_ALIASES = {
     "double": "float64",
 }
 
-_UNKNOWN_DTYPE = "unknown dtype {value!r} (use auto, bfloat16, float16, float32 or a torch dtype)"
+# The dtypes a user is offered (`%llmload --dtype`, its help, the README, this error); the
+# first is the default. Any other torch dtype name is accepted too.
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+_UNKNOWN_DTYPE = "unknown dtype {value!r} (use " + ", ".join(DTYPE_CHOICES[:-1]) + f", {DTYPE_CHOICES[-1]} or a torch dtype)"
 
 
 # --------------------------------------------------------------------------- devices

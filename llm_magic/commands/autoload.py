@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# The values `--dtype` and `--device-map` take, in the magic's help and in the README (a test
-# checks that the README lists these). The first is the default. --device-map also takes any
-# other device string transformers accepts (cuda:1, mps, ...).
-DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+# The values `--device-map` takes, in the magic's help and in the README (a test checks that the
+# README lists these; `--dtype`'s are names.DTYPE_CHOICES). The first is the default. Any other
+# device string transformers accepts (cuda:1, mps, ...) works too.
 DEVICE_MAP_CHOICES = ("auto", "sequential", "cpu", "cuda:0", "none")
 
 

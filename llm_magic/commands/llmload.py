@@ -18,7 +18,14 @@ from llm_magic.commands.cell_plan import (
     release_targets,
     run_body,
 )
-from llm_magic.commands.load_report import LoadReport, PredictedLoad, SharedWeights
+from llm_magic.commands.load_checks import (
+    StrictRefusal,
+    check_sources,
+    predict_loads,
+    prediction_warnings,
+    strict_refusal,
+)
+from llm_magic.commands.load_report import LoadReport, SharedWeights
 from llm_magic.engine.exceptions import without_own_frames
 from llm_magic.engine.holders import HolderRows, scan_holders
 from llm_magic.engine.paths import (
@@ -30,12 +37,10 @@ from llm_magic.engine.paths import (
 from llm_magic.engine.release import ReleaseResult, Target, release
 from llm_magic.engine.tensors import (
     Footprint,
-    footprint_of,
     holds_tensors,
 )
 from llm_magic.ipython import shell_state
 from llm_magic.names import parse_dtype
-from llm_magic.units import format_by_device, format_bytes
 
 
 @dataclass(frozen=True)
@@ -146,19 +151,6 @@ def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> HolderR
     return HolderRows.of((row for row in scan.rows if row.is_model or row.total >= min_bytes), scan.cut)
 
 
-class LoadCannotStart(ValueError):
-    """A load of the cell cannot even start (no such directory, not cached offline): nothing changed."""
-
-
-def _check_sources(plan: BodyPlan) -> None:
-    """Refuse, before any release, a cell whose load would fail before reading a weight."""
-    from llm_magic.predict.sources import check_load_sources
-
-    problems = check_load_sources(plan.load_calls)
-    if problems:
-        raise LoadCannotStart(f"{problems[0].reason} — nothing was released")
-
-
 def _failure(exc: BaseException, plan: BodyPlan) -> tuple[BaseException, str | None]:
     """The body's error as the user should see it, and one plain line when a load failed.
 
@@ -174,66 +166,28 @@ def _failure(exc: BaseException, plan: BodyPlan) -> tuple[BaseException, str | N
     return user_frames_and_raiser(without_own_frames(exc)), explanation
 
 
-class StrictRefusal(RuntimeError):
-    """`--strict` refused a load predicted to land on a slower tier. Nothing was changed."""
-
-    def _render_traceback_(self) -> list[str]:
-        # IPython shows this instead of a traceback: the message is the whole story.
-        return [f"StrictRefusal: {self}"]
-
-
-def _predict(calls: list, targets: list[Target], snapshot) -> tuple[PredictedLoad, ...]:
-    """Each model load predicted with the memory that will be free after the release."""
-    from llm_magic.predict.budget import free_after_release
-    from llm_magic.predict.preflight import predict
-
-    freed = Footprint()
-    for target in targets:
-        freed.merge(footprint_of(target.value))
-    free, cached_unused = free_after_release(snapshot, freed.by_device())
-    return tuple(PredictedLoad(call.target, predict(call, free, cached_unused=cached_unused)) for call in calls)
-
-
-def _strict_message(shell, options: LoadOptions, predictions, targets: list[Target], snapshot) -> str | None:
-    slow = [p for p in predictions if p.prediction.slower_tier]
-    if not slow:
-        return None
-    lines = []
-    for item in slow:
-        p = item.prediction
-        missing = f"{format_bytes(p.missing_bytes)} more {p.missing_bytes_of}" if p.missing_bytes is not None else "more memory (how much is unknown)"
-        lines.append(f"{item.target or options.model_name}: predicted {_off_best(p)} (slower than {p.best_device}); it needs {missing}")
-    replaced = {binding.label for target in targets for binding in target.bindings}
-    kept = [holder for holder in kept_holders(shell, []) if holder.path not in replaced]
-    if kept:
-        lines.append("memory is held by: " + "; ".join(f"{h.path} ({format_by_device(h.bytes_by_device)})" for h in kept[:5]))
-    for device in snapshot.cuda_devices:
-        if device.other_bytes:
-            lines.append(f"other processes and the CUDA context hold {format_bytes(device.other_bytes)} on {device.device}")
-    return "strict mode refused the load (nothing was released or loaded): " + " | ".join(lines)
-
-
 def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     shell_state.require_shell(shell)
     from llm_magic.measure.memory import memory_snapshot
     from llm_magic.measure.placement import model_placement
 
     plan = plan_body(shell, options, cell)
-    _check_sources(plan)
+    check_sources(plan.load_calls)
     memory_before = memory_snapshot()
     targets = collect_targets(shell, plan, release_all=options.release_all)
     kept_for_reads = _kept_for_reads(shell, plan)
-    predictions = _predict([call for call in plan.load_calls if call.is_model], targets, memory_before)
+    model_calls = [call for call in plan.load_calls if call.is_model]
+    predictions = predict_loads(model_calls, targets, memory_before, generation_batch=options.batch if options.dry_run else None)
     hidden, naming = shell_state.hidden_refs(shell), lambda: shell_state.naming_roots(shell)
 
     if options.strict:
-        refusal = _strict_message(shell, options, predictions, targets, memory_before)
+        refusal = strict_refusal(options.model_name, predictions, targets, memory_before, lambda: kept_holders(shell, []))
         if refusal:
             targets.clear()
             raise StrictRefusal(refusal)
     if options.dry_run:
         released = release(targets, hidden, naming, dry_run=True)
-        warnings = [w for p in predictions for w in _prediction_warnings(p)]
+        warnings = [w for p in predictions for w in prediction_warnings(p)]
         report = LoadReport(
             options.model_name, released, predictions=predictions, memory_before=memory_before, warnings=tuple(warnings),
             kept_for_reads=kept_for_reads, dry_run=True,
@@ -295,21 +249,6 @@ def _headroom(models, snapshot, batch: int) -> tuple:
 
     found = (model_headroom(model, name, snapshot, batch=batch) for name, model in models)
     return tuple(item for item in found if item is not None)
-
-
-def _prediction_warnings(item: PredictedLoad) -> list[str]:
-    p = item.prediction
-    warnings = [f"predicted: {message}" for message in p.will_raise]
-    if p.slower_tier:
-        missing = f"; {p.best_device} needs {format_bytes(p.missing_bytes)} more" if p.missing_bytes else ""
-        warnings.append(f"predicted: {item.target or 'the model'} would put {_off_best(p)}{missing}")
-    return warnings
-
-
-def _off_best(prediction) -> str:
-    """'3.1 GiB on cpu, 2 GiB on disk': what the prediction puts off the best device."""
-    placed = sorted((prediction.bytes_by_device or {}).items())
-    return ", ".join(f"{format_bytes(n)} on {device}" for device, n in placed if device != prediction.best_device)
 
 
 def _warnings(released: ReleaseResult, placements, accelerator: bool) -> list[str]:

@@ -64,10 +64,18 @@ def _plain_tensor_reads():
     return disable() if disable is not None else contextlib.nullcontext()
 
 
+def is_fake(tensor: Any) -> bool:
+    """A FakeTensor (PyTorch's FakeTensorMode, what `%llmfit` simulates with): it claims a device
+    but has no memory. Known by its class's name: the class itself is private to torch."""
+    kind = type(tensor)
+    return kind.__name__ == "FakeTensor" and kind.__module__.startswith("torch._subclasses")
+
+
 def _tensor_storage(tensor: Any) -> Storage:
     device = str(tensor.device)
-    if device == "meta":
-        # No memory behind it; the bytes are what it would take (for offload accounting).
+    if device == "meta" or is_fake(tensor):
+        # No memory behind it; the bytes are what it would take (for offload accounting). A
+        # fake tensor's data pointer must not even be read (PyTorch warns, and will raise).
         return Storage("meta", ("meta", id(tensor)), tensor.numel() * tensor.element_size())
     try:
         storage = tensor.untyped_storage()

@@ -88,6 +88,8 @@ def _walk(
     must depend on the type only). With `wanted`, every path that reaches a wanted object is
     recorded in `found`, also through objects already seen by another route.
     """
+    # One function on purpose: this is the hot loop of every scan (a million objects in a busy
+    # notebook); helpers called per object would cost a third of its time.
     labels: list[str] = []
     queue: deque[tuple[int, str, Any]] = deque()
     seen = stats.seen  # an object is seen once queued: each is visited once, by its first path

@@ -7,7 +7,8 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Int
 
-from llm_magic.commands.autoload import DEVICE_MAP_CHOICES, DTYPE_CHOICES
+from llm_magic.commands.autoload import DEVICE_MAP_CHOICES
+from llm_magic.names import DTYPE_CHOICES
 
 
 def split_names(line: str) -> list[str]:

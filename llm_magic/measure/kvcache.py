@@ -248,6 +248,8 @@ def kv_cache_profile(config: Any, dtype: Any = "auto") -> KVProfile:
     loaded model's dtype when there is one: transformers 4.x loads a bf16 checkpoint as float32
     unless told otherwise, and then its cache is float32 too.
     """
+    # One pass over the layers, long because each family's cache rule is a branch of it (full,
+    # sliding, MLA latent, recurrent); split, the branches would pass six values back and forth.
     notes: list[str] = []
     text = text_config(config)
     model_type = str(_get(text, "model_type", "") or _get(config, "model_type", "") or "unknown")

@@ -101,6 +101,8 @@ _CLASSES: dict[str, type] = {}
 
 
 def _live_bytes_class() -> type:
+    # Long because it holds a class: the class is made on first use, so that importing this
+    # module does not import torch (`%load_ext` stays instant).
     if "live" in _CLASSES:
         return _CLASSES["live"]
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -46,6 +46,7 @@ def predict(
     *,
     cached_unused: Mapping[str, int] | None = None,
     find_missing: bool = True,
+    generation_batch: int | None = None,
 ) -> Prediction:
     """Predict what `call` will do given `free` bytes per device ("cuda:0", "cpu") after release.
 
@@ -54,10 +55,12 @@ def predict(
     placement without `max_memory` is then "unknown"; a plain or explicit map is still predicted.
     Nothing is loaded: the model is built on the meta device. `find_missing` searches how many
     more bytes the best device needs to hold everything (a few more placement runs).
+    `generation_batch`: also predict how far generation can go on the predicted placement (a
+    fake-tensor `generate` of the meta model, at that batch): `Prediction.generation`.
     Never raises: every failure is an "unknown" prediction with a note.
     """
     started = time.perf_counter()
-    context = Context(dict(free), cached_unused, tf.version(), tf.version_string(), find_missing)
+    context = Context(dict(free), cached_unused, tf.version(), tf.version_string(), find_missing, generation_batch)
     if call.kind != "model":
         skipped = Draft().noted(f"{call.class_name} loads a {call.kind}: nothing is placed on devices")
         return finish(skipped, "skipped", context, started)
@@ -89,13 +92,25 @@ def _predict(call: LoadCall, context: Context) -> Draft:
                             modules_by_device=modules_by_device(replayed.model, sizes, draft.device_map))
         if uncovered:
             draft = draft.noted(f"{uncovered} bytes of weights are not covered by the device_map")
-        return check_disk_offload(request, replayed, context.version, draft)
+        draft = check_disk_offload(request, replayed, context.version, draft)
+        return _with_generation(call, replayed, context, draft)
     except Unknown:
         raise
     except CompatError as error:
         raise Unknown(f"prediction unknown: {error}", draft) from None
     except Exception as exc:  # noqa: BLE001 - not a guess and not a crash of the user's cell
         raise Unknown(f"prediction failed ({type(exc).__name__}: {exc}): unknown", draft.with_(device_map=None)) from None
+
+
+def _with_generation(call: LoadCall, replayed, context: Context, draft: Draft) -> Draft:
+    """The generation headroom of the meta model on its predicted placement (dry runs only)."""
+    if context.generation_batch is None or draft.device_map is None:
+        return draft
+    from llm_magic.predict.gen_headroom import fit_line_for_meta_model
+
+    free = {device: nbytes for device, nbytes in context.free.items() if nbytes is not None}
+    line = fit_line_for_meta_model(replayed.model, call.target or "model", draft.device_map, free, batch=context.generation_batch)
+    return draft.with_(generation=line)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,9 @@ class Prediction:
     # Modules per device, counted as the placement table counts a loaded model's (a module that
     # owns a tensor, on the device holding most of its bytes), so the two tables agree.
     modules_by_device: dict[str, int] | None = None
+    # The generation headroom of the predicted placement (`predict(..., generation_batch=N)`, for
+    # `%%llmload --dry-run`): predict.gen_headroom.GenerationHeadroom, or None.
+    generation: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         def copy(value):
@@ -68,6 +71,7 @@ class Prediction:
             "will_raise": list(self.will_raise),
             "notes": list(self.notes),
             "elapsed_s": self.elapsed_s,
+            "generation": None if self.generation is None else self.generation.to_dict(),
         }
 
 
@@ -80,6 +84,7 @@ class Context:
     version: tuple[int, int]  # (major, minor) of transformers
     version_string: str
     find_missing: bool = True
+    generation_batch: int | None = None  # also predict the generation headroom, at this batch
 
     @property
     def best_device(self) -> str:
@@ -105,6 +110,7 @@ class Draft:
     missing_bytes_of: str | None = None
     will_raise: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    generation: Any = None
 
     def noted(self, *notes: str) -> Draft:
         return replace(self, notes=self.notes + tuple(notes))
@@ -155,4 +161,5 @@ def finish(draft: Draft, status: str, context: Context, started: float) -> Predi
         will_raise=draft.will_raise,
         notes=draft.notes,
         elapsed_s=time.perf_counter() - started,
+        generation=draft.generation,
     )

@@ -108,7 +108,10 @@ def render_load_report(report) -> Group:
     parts.append(released_table(report.released))
     parts += [Text(f"kept `{name}`: the cell reads it before rebinding it", style=DIM) for name in report.kept_for_reads]
     if report.dry_run:
-        parts.extend(prediction_table(item) for item in report.predictions)
+        for item in report.predictions:
+            parts.append(prediction_table(item))
+            if item.prediction.generation is not None:  # the predicted placement's headroom
+                parts.append(Clauses(item.prediction.generation.line, style="bold"))
     accelerator = bool(getattr(report.memory_after, "accelerator_present", False))
     for placement in report.models:
         parts.append(placement_table(placement, _predicted_for(report, placement.name), accelerator_present=accelerator))

@@ -7,7 +7,7 @@ each notebook of DEMO_NOTEBOOKS in a real ipykernel started from this interprete
 text of every cell's output, and writes each executed notebook and an HTML export to DIR. The
 notebooks ship in the repository, not in the wheel: run this from a clone.
 
-The functions are reused by the tests (tests/test_notebooks.py, tests/test_browser.py).
+The functions are reused by the tests (tests/kernel/test_notebooks.py, tests/kernel/test_browser.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A real JupyterLab server on a loopback port, and a headless Chromium (Playwright) driving it.
 
-Used by tests/test_browser.py. The server runs on this interpreter (so its default python3 kernel
+Used by tests/kernel/test_browser.py. The server runs on this interpreter (so its default python3 kernel
 sees the same llm_magic, torch and transformers), with its own config, data, settings and
 runtime folders under a temporary root, so neither the user's JupyterLab settings nor a
 previous run change what the test sees. It serves a copy of the notebook: JupyterLab saves

@@ -1,5 +1,5 @@
 // Runs in JupyterLab's page after the notebook ran: what a reader sees, measured from the live
-// DOM and its layout. Returns JSON-able data; tests/test_browser.py makes the assertions.
+// DOM and its layout. Returns JSON-able data; tests/kernel/test_browser.py makes the assertions.
 () => {
   const canvas = document.createElement("canvas");
   canvas.width = canvas.height = 1;

@@ -12,12 +12,12 @@ README's "Contributing" section documents this):
                               `path` is bound to the demo model (tests/support/demo.py), the
                               working directory is a temporary folder.
     <!-- output -->           what the `check: ipython` block before it printed (stdout), written
-                              by this script; tests/test_readme.py compares it modulo the numbers
+                              by this script; tests/kernel/test_readme.py compares it modulo the numbers
                               that differ between machines (sizes, free memory, token counts).
     <!-- check: ci -->        commands that .ci/run runs (each line must be in .ci/run).
     <!-- not run: REASON -->  shown only (say why: "needs the network", "your own code").
 
-tests/test_readme.py fails on a fenced block with no such comment, so a new example is checked
+tests/kernel/test_readme.py fails on a fenced block with no such comment, so a new example is checked
 from the day it is added.
 """
 

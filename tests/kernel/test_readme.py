@@ -130,7 +130,7 @@ def test_ci_test_passes_pytest_arguments_with_or_without_an_environment_name(wit
     root, name = venv
     if not with_name and name != "tf5":
         pytest.skip("without a name .ci/test uses tf5; this run is " + name)
-    arguments = ([name] if with_name else []) + ["--collect-only", "-q", "-p", "no:cacheprovider", "tests/test_messages.py", "-k", "choices"]
+    arguments = ([name] if with_name else []) + ["--collect-only", "-q", "-p", "no:cacheprovider", "tests/render/test_messages.py", "-k", "choices"]
     env = {**os.environ, "LLM_MAGIC_VENV_ROOT": str(root)}
     done = subprocess.run(["bash", ".ci/test", *arguments], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]

@@ -235,7 +235,7 @@ def test_text_is_readable_in_light_and_dark_themes(lab, theme):
 
 def test_warning_is_a_styled_block_not_text(lab):
     # The quickstart loads without a warning; the warning's own rendering is checked in
-    # tests/test_render_html.py. Here: no report shows a terminal box drawn with characters.
+    # tests/render/test_render_html.py. Here: no report shows a terminal box drawn with characters.
     for report in reports(lab["probes"]["light", WIDTHS[0]]):
         assert not re.search(r"[┏┃┗━─]", report["text"]), report["text"]
 

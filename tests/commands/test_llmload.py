@@ -236,7 +236,7 @@ def test_bad_input_is_one_line_and_changes_nothing(shell, tiny_model, line, body
 def test_body_that_raises_reports_release_then_raises(shell, tiny_model):
     load(shell, tiny_model)
     old = old_model_ref(shell)
-    # (A nonexistent path is refused before any release now: tests/test_load_cannot_start.py.)
+    # (A nonexistent path is refused before any release now: tests/commands/test_load_cannot_start.py.)
     result, captured = load(shell, tiny_model, "scale = 1 / 0\nmodel = AutoModelForCausalLM.from_pretrained(MODEL_NAME)")
     assert not result.success
     gc.collect()

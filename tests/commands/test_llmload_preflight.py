@@ -133,3 +133,17 @@ def test_dry_run_of_the_default_loader_names_the_users_variable_and_counts_like_
     [placement] = loaded.models
     assert predicted.prediction.modules_by_device == {row.device: row.modules for row in placement.rows}
     assert loaded.predictions[0].prediction.modules_by_device == predicted.prediction.modules_by_device
+
+
+def test_dry_run_shows_the_generation_line_of_the_predicted_placement(shell, tiny_model):
+    """`%%llmload --dry-run` gives, before any weight is read, the same headroom line the real
+    load then reports (same placement, same free memory)."""
+    dry, dry_output = cell(shell, tiny_model, PLAIN_LOAD, "--dry-run -o")
+    [item] = dry.result.predictions
+    planned = item.prediction.generation
+    assert planned is not None and planned.context_window == 256
+    assert "Generation headroom of model" in " ".join(dry_output.split())
+    real, _ = cell(shell, tiny_model, PLAIN_LOAD, "-o")
+    [loaded] = real.result.headroom
+    assert planned.summary.split(" (")[0] == loaded.generation.summary.split(" (")[0]
+    assert planned.max_prompt_tokens == loaded.generation.max_prompt_tokens

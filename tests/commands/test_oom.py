@@ -323,7 +323,7 @@ def test_find_oom_checks_real_types():
 
 def test_modules_never_pass_trust_remote_code():
     # They read the loaded model's config; they never load a config or a model themselves.
-    package = pathlib.Path(__file__).resolve().parent.parent / "llm_magic"
+    package = pathlib.Path(__file__).resolve().parents[2] / "llm_magic"
     for name in ("commands/oom.py", "commands/oom_errors.py", "render/oom.py", "commands/watch.py"):
         source = (package / name).read_text()
         assert "trust_remote_code" not in source and "from_pretrained" not in source

@@ -10,11 +10,12 @@ import pytest
 from cells import LOAD, ok, run
 from rich.console import Console
 
-from llm_magic.commands.autoload import DEVICE_MAP_CHOICES, DTYPE_CHOICES
+from llm_magic.commands.autoload import DEVICE_MAP_CHOICES
+from llm_magic.names import DTYPE_CHOICES
 from llm_magic.render.core import Clauses
 from llm_magic.render.load import render_load_report
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def printed(renderable, width: int) -> str:
