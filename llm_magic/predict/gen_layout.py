@@ -16,17 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_magic.measure.headroom import (
+from llm_magic.measure.kvcache import (
+    decoder_layer_types,
+    has_sliding_layers,
+    text_config,
+)
+from llm_magic.measure.model_devices import (
     accelerate_hooks,
     decoder_layers,
     execution_device,
     model_device,
     model_dtype,
-)
-from llm_magic.measure.kvcache import (
-    decoder_layer_types,
-    has_sliding_layers,
-    text_config,
 )
 from llm_magic.names import normalize_device
 
