@@ -21,12 +21,11 @@ from typing import Any
 
 from llm_magic import names
 from llm_magic.measure.kvcache import (
-    NONE,
-    SLIDING,
     KVProfile,
     kv_cache_profile,
     tokens_that_fit,
 )
+from llm_magic.measure.layer_types import NONE, SLIDING
 from llm_magic.measure.memory import MemorySnapshot
 from llm_magic.measure.model_devices import (
     decoder_layers,

@@ -30,20 +30,21 @@ from typing import Any
 from llm_magic import names
 from llm_magic.compat import transformers as tf
 from llm_magic.compat.transformers import mla_caches_latent
+from llm_magic.measure.layer_types import (
+    FULL,
+    FULL_TYPES,
+    HYBRID_TYPES,
+    NO_CACHE_TYPES,
+    NONE,
+    RECURRENT_TYPES,
+    SLIDING,
+    SLIDING_TYPES,
+    cache_layer_types,
+    config_value,
+    per_layer_configs,
+    text_config,
+)
 
-FULL = "full"  # grows with every token
-SLIDING = "sliding"  # grows until its window is full
-NONE = "none"  # nothing per token
-
-# Layer type names (config `layer_types`, 4.x hybrids' `layers_block_type`) by what they cache.
-_FULL_TYPES = {"full_attention", "attention", "global_attention"}
-_SLIDING_TYPES = {"sliding_attention", "chunked_attention", "local_attention"}
-# Attention plus a fixed-size recurrent state (zamba, falcon_h1, zaya1).
-_HYBRID_TYPES = {"hybrid": FULL, "hybrid_sliding": SLIDING}
-_NO_CACHE_TYPES = {"linear_attention", "mamba", "conv", "moe", "mlp", "dummy"}
-_RECURRENT_TYPES = {"linear_attention", "mamba", "conv", "hybrid", "hybrid_sliding"}
-# Families with no attention at all and (in 4.x) no `layer_types` to say so.
-_RECURRENT_MODEL_TYPES = {"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"}
 
 @dataclass(frozen=True)
 class LayerKV:
@@ -86,92 +87,6 @@ class KVProfile:
         return data
 
 
-# --------------------------------------------------------------------------- config reading
-
-
-def _get(config: Any, name: str, default: Any = None) -> Any:
-    """`getattr` that also survives transformers 5's heterogeneous configs, which raise a
-    RuntimeError for a per-layer attribute read on the global config."""
-    try:
-        value = getattr(config, name)
-    except Exception:
-        return default
-    return default if value is None else value
-
-
-def text_config(config: Any) -> Any:
-    """The decoder's text config of a (possibly multimodal) config."""
-    getter = getattr(config, "get_text_config", None)
-    if callable(getter):
-        try:
-            return getter(decoder=True)
-        except TypeError:  # older signature without `decoder`
-            return getter()
-        except ValueError:  # ambiguous: several text configs
-            pass
-    return _get(config, "text_config", config)
-
-
-def _layer_configs(text: Any, count: int) -> list[Any]:
-    """One config per layer: transformers 5's heterogeneous configs differ per layer."""
-    if _get(text, "is_heterogeneous", False):
-        try:
-            layers = list(text.per_layer_config)
-        except Exception:
-            layers = []
-        if len(layers) >= count:
-            return layers
-    return [text] * count
-
-
-def _layer_types(text: Any, count: int, model_type: str, notes: list[str]) -> list[str]:
-    """Layer types as `DynamicCache(config=...)` derives them, in 4.57 and 5.x alike."""
-    layer_types = _get(text, "layer_types") or _get(text, "layers_block_type")
-    if layer_types:
-        layer_types = [str(kind) for kind in layer_types]
-    elif model_type in _RECURRENT_MODEL_TYPES:
-        layer_types = ["mamba"] * count
-    else:
-        # transformers' rule: all layers slide when the config has a window, else chunked
-        # when it has a chunk size, else full. (Families with an opt-in, like Qwen2's
-        # `use_sliding_window`, clear `sliding_window` themselves when it is off.)
-        layer_types = []
-        for layer in _layer_configs(text, count):
-            if _get(layer, "sliding_window") is not None:
-                layer_types.append("sliding_attention")
-            elif _get(layer, "attention_chunk_size") is not None:
-                layer_types.append("chunked_attention")
-            else:
-                layer_types.append("full_attention")
-
-    # Layers that read another layer's cache keep none of their own (Gemma 3n): 5.x marks
-    # them in `kv_sharing_modes`, 4.x drops the last `num_kv_shared_layers` from the cache.
-    modes = _get(text, "kv_sharing_modes")
-    shared = _get(text, "num_kv_shared_layers", 0)
-    before = list(layer_types)
-    if modes:
-        layer_types = ["dummy" if mode == "reuse" else kind for kind, mode in zip(layer_types, modes)]
-    elif isinstance(shared, int) and 0 < shared <= len(layer_types):
-        layer_types = layer_types[:-shared] + ["dummy"] * shared
-    if layer_types != before:
-        notes.append("layers that reuse another layer's KV cache are counted as caching nothing")
-    return layer_types
-
-
-def decoder_layer_types(config: Any) -> list[str]:
-    """Each decoder layer's type as the cache sees it ("full_attention", "sliding_attention", "dummy", ...)."""
-    text = text_config(config)
-    model_type = str(_get(text, "model_type", "") or _get(config, "model_type", "") or "unknown")
-    declared = _get(text, "layer_types") or _get(text, "layers_block_type")
-    count = _get(text, "num_hidden_layers") or (len(declared) if declared else 0)
-    return _layer_types(text, int(count), model_type, []) if count else []
-
-
-def has_sliding_layers(config: Any) -> bool:
-    """Do some decoder layers keep only a window (or chunk) of the cache?"""
-    return any(kind in _SLIDING_TYPES or _HYBRID_TYPES.get(kind) == SLIDING for kind in decoder_layer_types(config))
-
-
 def cache_dtype(dtype: Any, config: Any = None) -> tuple[str, int, str | None]:
     """(name, bytes per element, note) for a torch dtype, its name, or "auto" (the config's)."""
     import torch
@@ -180,9 +95,9 @@ def cache_dtype(dtype: Any, config: Any = None) -> tuple[str, int, str | None]:
     if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         found = None
         for source in (text_config(config), config) if config is not None else ():
-            found = _get(source, "dtype")
+            found = config_value(source, "dtype")
             if found is None and not hasattr(source, "dtype"):
-                found = _get(source, "torch_dtype")  # transformers before 4.56
+                found = config_value(source, "torch_dtype")  # transformers before 4.56
             if found is not None:
                 break
         if found is None or found == "auto":
@@ -198,11 +113,11 @@ def cache_dtype(dtype: Any, config: Any = None) -> tuple[str, int, str | None]:
 
 def _attention_bytes(layer: Any, model_type: str, dtype_bytes: int, notes: list[str]) -> tuple[int, str]:
     """(bytes per token, formula) of one attention layer's K and V, one sequence."""
-    heads = _get(layer, "num_attention_heads")
-    kv_lora_rank = _get(layer, "kv_lora_rank")
+    heads = config_value(layer, "num_attention_heads")
+    kv_lora_rank = config_value(layer, "kv_lora_rank")
     if kv_lora_rank:
         # MLA. Checked before `head_dim`: DeepseekV3Config sets head_dim = qk_rope_head_dim.
-        rope = int(_get(layer, "qk_rope_head_dim", 0))
+        rope = int(config_value(layer, "qk_rope_head_dim", 0))
         latent = mla_caches_latent(model_type)
         if latent is None:
             latent = tf.major() >= 5
@@ -213,8 +128,8 @@ def _attention_bytes(layer: Any, model_type: str, dtype_bytes: int, notes: list[
         if latent:
             size = (int(kv_lora_rank) + rope) * dtype_bytes
             return size, f"MLA latent ({kv_lora_rank} + {rope}) x {dtype_bytes} B"
-        nope = int(_get(layer, "qk_nope_head_dim", 0))
-        v_dim = int(_get(layer, "v_head_dim", 0))
+        nope = int(config_value(layer, "qk_nope_head_dim", 0))
+        v_dim = int(config_value(layer, "v_head_dim", 0))
         if not heads:
             notes.append("MLA config without num_attention_heads: its cache size is unknown")
             return 0, "unknown"
@@ -225,13 +140,13 @@ def _attention_bytes(layer: Any, model_type: str, dtype_bytes: int, notes: list[
         notes.append("config has no num_attention_heads: attention cache size unknown")
         return 0, "unknown"
     heads = int(heads)
-    kv_heads = _get(layer, "num_key_value_heads") or _get(layer, "num_kv_heads")
-    if not kv_heads and _get(layer, "multi_query", False):
+    kv_heads = config_value(layer, "num_key_value_heads") or config_value(layer, "num_kv_heads")
+    if not kv_heads and config_value(layer, "multi_query", False):
         kv_heads = 1
     kv_heads = int(kv_heads or heads)
-    head_dim = _get(layer, "head_dim")
+    head_dim = config_value(layer, "head_dim")
     if not head_dim:
-        hidden = _get(layer, "hidden_size")
+        hidden = config_value(layer, "hidden_size")
         if not hidden:
             notes.append("config has neither head_dim nor hidden_size: attention cache size unknown")
             return 0, "unknown"
@@ -252,13 +167,13 @@ def kv_cache_profile(config: Any, dtype: Any = "auto") -> KVProfile:
     # sliding, MLA latent, recurrent); split, the branches would pass six values back and forth.
     notes: list[str] = []
     text = text_config(config)
-    model_type = str(_get(text, "model_type", "") or _get(config, "model_type", "") or "unknown")
+    model_type = str(config_value(text, "model_type", "") or config_value(config, "model_type", "") or "unknown")
     dtype_name, dtype_bytes, dtype_note = cache_dtype(dtype, config)
     if dtype_note:
         notes.append(dtype_note)
 
-    count = _get(text, "num_hidden_layers")
-    declared = _get(text, "layer_types") or _get(text, "layers_block_type")
+    count = config_value(text, "num_hidden_layers")
+    declared = config_value(text, "layer_types") or config_value(text, "layers_block_type")
     if not count and declared:
         count = len(declared)
     if not count:
@@ -266,20 +181,20 @@ def kv_cache_profile(config: Any, dtype: Any = "auto") -> KVProfile:
         return KVProfile(model_type, dtype_name, dtype_bytes, 0, 0, 0, (), tuple(notes))
     count = int(count)
 
-    layer_types = _layer_types(text, count, model_type, notes)
-    layer_configs = _layer_configs(text, len(layer_types))
+    layer_types = cache_layer_types(text, count, model_type, notes)
+    layer_configs = per_layer_configs(text, len(layer_types))
     unknown: set[str] = set()
     recurrent = 0
     layers: list[LayerKV] = []
     for index, (layer_type, layer) in enumerate(zip(layer_types, layer_configs)):
-        if layer_type in _RECURRENT_TYPES:
+        if layer_type in RECURRENT_TYPES:
             recurrent += 1
-        if layer_type in _NO_CACHE_TYPES:
+        if layer_type in NO_CACHE_TYPES:
             layers.append(LayerKV(index, layer_type, NONE, 0, None, None, "nothing per token"))
             continue
-        if layer_type in _SLIDING_TYPES or _HYBRID_TYPES.get(layer_type) == SLIDING:
+        if layer_type in SLIDING_TYPES or HYBRID_TYPES.get(layer_type) == SLIDING:
             kind = SLIDING
-        elif layer_type in _FULL_TYPES or layer_type in _HYBRID_TYPES:
+        elif layer_type in FULL_TYPES or layer_type in HYBRID_TYPES:
             kind = FULL
         else:
             # indexed_attention, compressed_sparse_attention, ...: at least a full K/V cache.
@@ -287,15 +202,15 @@ def kv_cache_profile(config: Any, dtype: Any = "auto") -> KVProfile:
             unknown.add(layer_type)
         size, formula = _attention_bytes(layer, model_type, dtype_bytes, notes)
         if layer_type == "indexed_attention":
-            index_dim = _get(layer, "index_head_dim")
+            index_dim = config_value(layer, "index_head_dim")
             if index_dim:
                 size += int(index_dim) * dtype_bytes
                 formula += f" + indexer keys {index_dim} x {dtype_bytes} B"
         window = None
         if kind == SLIDING:
-            window = _get(layer, "attention_chunk_size" if layer_type == "chunked_attention" else "sliding_window")
+            window = config_value(layer, "attention_chunk_size" if layer_type == "chunked_attention" else "sliding_window")
             if window is None:
-                window = _get(layer, "sliding_window") or _get(layer, "attention_chunk_size")
+                window = config_value(layer, "sliding_window") or config_value(layer, "attention_chunk_size")
             if window is None:
                 kind = FULL
                 notes.append(f"layer {index} is {layer_type!r} but the config has no window: counted as full")
@@ -313,9 +228,9 @@ def kv_cache_profile(config: Any, dtype: Any = "auto") -> KVProfile:
             notes.append("indexed attention: indexer keys counted from index_head_dim (not checked)")
     if recurrent:
         notes.append(f"{recurrent} recurrent layer(s) keep a fixed-size state per sequence, not counted here")
-    if _get(text, "is_encoder_decoder", False):
+    if config_value(text, "is_encoder_decoder", False):
         notes.append("encoder-decoder model: the cross-attention cache (encoder length) is not counted")
-    if _get(config, "auto_map"):
+    if config_value(config, "auto_map"):
         notes.append("config has auto_map: with trust_remote_code the remote modeling code decides the cache layout")
 
     full = sum(layer.bytes_per_token for layer in layers if layer.kind == FULL)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_magic.measure.kvcache import (
+from llm_magic.measure.layer_types import (
     decoder_layer_types,
     has_sliding_layers,
     text_config,

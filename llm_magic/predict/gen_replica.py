@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from llm_magic.measure.kvcache import text_config
+from llm_magic.measure.layer_types import text_config
 from llm_magic.predict import gen_fake
 from llm_magic.predict.gen_layout import GenLayout, layer_shapes
 from llm_magic.predict.gen_trace import StepTrace, run_generate

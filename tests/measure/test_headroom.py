@@ -7,9 +7,9 @@ import types
 
 import pytest
 import torch
-import transformers
 from transformers import AutoModelForCausalLM
 
+from llm_magic.compat.transformers import major as transformers_major
 from llm_magic.measure.headroom import generation_headroom
 from llm_magic.measure.kvcache import kv_cache_profile, tokens_that_fit
 from llm_magic.measure.memory import (
@@ -21,7 +21,7 @@ from llm_magic.measure.memory import (
 )
 
 MiB = 2**20
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+TRANSFORMERS_5 = transformers_major() >= 5
 LAYERS = 4  # tinymodels' num_hidden_layers
 
 

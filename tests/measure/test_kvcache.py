@@ -12,21 +12,19 @@ import json
 
 import pytest
 import torch
-import transformers
 from support.tinymodels import tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from llm_magic.compat.transformers import major as transformers_major
 from llm_magic.measure.kvcache import (
-    FULL,
-    NONE,
-    SLIDING,
     KVProfile,
     kv_cache_bytes,
     kv_cache_profile,
     tokens_that_fit,
 )
+from llm_magic.measure.layer_types import FULL, NONE, SLIDING
 
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+TRANSFORMERS_5 = transformers_major() >= 5
 WINDOW = 16  # the tiny mistral / gemma2 sliding window (tinymodels.ARCHITECTURES)
 KiB = 1024
 
