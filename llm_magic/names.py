@@ -15,7 +15,7 @@ compute happens). The point of the pre-flight and the slow-tier warning is to sa
 lands on a slower tier than the best one the machine has.
 
 Dtypes. `parse_dtype` reads every spelling the package accepts ("bf16", "torch.float16",
-`torch.bfloat16`, "auto"); `dtype_name` and `dtype_size` describe a dtype. torch is imported
+`torch.bfloat16`, "auto"); `dtype_name` names one. torch is imported
 only inside those functions: this module is imported by `%load_ext`'s light paths.
 """
 
@@ -143,11 +143,3 @@ def parse_dtype(value: Any, *, aliases: bool = True) -> Any:
 def dtype_name(dtype: Any) -> str:
     """torch.bfloat16 -> "bfloat16"."""
     return str(dtype).removeprefix("torch.")
-
-
-def dtype_size(dtype: Any) -> int:
-    """Bytes per element of a torch dtype (or of a dtype name)."""
-    parsed = parse_dtype(dtype) if not hasattr(dtype, "itemsize") else dtype
-    if parsed == "auto":
-        raise ValueError('"auto" has no element size: resolve it first')
-    return parsed.itemsize

@@ -86,21 +86,3 @@ def first_load_call(value: ast.AST) -> ast.Call | None:
         if not isinstance(node, _SCOPES):
             stack.extend(ast.iter_child_nodes(node))
     return None
-
-
-def source_argument(call: ast.Call) -> ast.expr | None:
-    """The expression naming what a load call loads: the model id or path."""
-    keywords = {keyword.arg: keyword.value for keyword in call.keywords if keyword.arg}
-    func = call.func
-    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-    if name == "pipeline":  # pipeline(task, model=...) or pipeline(task, "model")
-        if "model" in keywords:
-            return keywords["model"]
-        return call.args[1] if len(call.args) > 1 else None
-    if name == "from_config":
-        return None  # built from a config object: nothing is read from a path
-    for keyword in ("pretrained_model_name_or_path", "model_name_or_path", "model_name"):
-        if keyword in keywords:
-            return keywords[keyword]
-    first = call.args[0] if call.args else None
-    return None if isinstance(first, ast.Starred) else first

@@ -25,9 +25,9 @@ from llm_magic.engine.walk import instance_dict
 FILE_SIZE = Symbol("accelerate", "accelerate.utils", "convert_file_size_to_int",
                    "sizes written as strings in a user's max_memory")
 
-# The hook attributes read (documented here; they are instance state, not module symbols).
-HOOK_ATTRIBUTES = ("_hf_hook", "hooks", "offload", "weights_map", "execution_device",
-                   "dataset", "prefix", "state_dict", "index", "save_folder")
+# The hook attributes read are instance state, not module symbols: `_hf_hook`, `hooks`,
+# `offload`, `weights_map`, `execution_device`, `dataset`, `prefix`, `state_dict`, `index`,
+# `save_folder`. Each is read with a default, so a renamed one reads as "unknown".
 
 
 def private_symbols() -> tuple[Symbol, ...]:

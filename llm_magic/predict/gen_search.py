@@ -82,13 +82,6 @@ class PeakCurve:
             parts.append(self.decode(tokens + self.new_tokens - 2, simulate=simulate_decode))
         return _max_by_device(*parts)
 
-    def decode_binds(self, tokens: int) -> bool:
-        """Is the last decoding step (the line's estimate) what sets the peak on some device?"""
-        if self.new_tokens < 3:
-            return False
-        prefill, decode = self.prefill(tokens), self.decode(tokens + self.new_tokens - 2)
-        return any(decode[device] >= prefill.get(device, 0) for device in decode)
-
     def estimate(self, tokens: int) -> Peaks:
         """Peaks between simulated lengths: quadratic through the three nearest (exact at each)."""
         if tokens in self.prefills or len(self.prefills) < 3:

@@ -15,7 +15,6 @@ now, or a budget minus the weights already there).
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,13 +82,10 @@ class GenerationPredictor:
 
     layout: GenLayout
     simulator: Simulator = field(init=False)
-    simulations_seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        started = time.perf_counter()
         self.simulator = Simulator(self.layout)
         self._curves: dict[tuple, PeakCurve] = {}
-        self.simulations_seconds += time.perf_counter() - started
 
     @classmethod
     def for_model(cls, model: Any) -> "GenerationPredictor":
@@ -133,8 +129,8 @@ class GenerationPredictor:
         line through simulated steps), or interpolated between lengths simulated before."""
         curve = self.curve(batch, new_tokens, padded)
         if exact:
-            return self._timed(lambda tokens: curve.peaks(tokens, simulate_decode=simulate_decode), max(1, prompt))
-        return self._timed(curve.estimate, max(1, prompt))
+            return self._simulate(lambda tokens: curve.peaks(tokens, simulate_decode=simulate_decode), max(1, prompt))
+        return self._simulate(curve.estimate, max(1, prompt))
 
     def largest_prompt(self, batch: int, new_tokens: int, capacity: Peaks, *, padded: bool = False) -> PromptLimit:
         curve = self.curve(batch, new_tokens, padded)
@@ -146,18 +142,18 @@ class GenerationPredictor:
             return _excess(peaks, capacity)[0]
 
         # The prefill (and first step) first: it binds unless many new tokens grow a long cache.
-        best = self._timed(largest_fitting, lambda t: excess(curve.prefill(t)), 1, bound)
+        best = self._simulate(largest_fitting, lambda t: excess(curve.prefill(t)), 1, bound)
         peaks_of = curve.prefill
         if best >= 1 and new_tokens >= 3:
-            last = self._timed(lambda: curve.decode(best + new_tokens - 2, simulate=True))
+            last = self._simulate(lambda: curve.decode(best + new_tokens - 2, simulate=True))
             if excess(last) > 0:  # the last decoding step binds: search with it
                 peaks_of = curve.peaks
-                best = self._timed(largest_fitting, lambda t: excess(curve.peaks(t)), 1, best)
-                while best >= 1 and excess(self._timed(lambda: curve.peaks(best, simulate_decode=True))) > 0:
+                best = self._simulate(largest_fitting, lambda t: excess(curve.peaks(t)), 1, best)
+                while best >= 1 and excess(self._simulate(lambda: curve.peaks(best, simulate_decode=True))) > 0:
                     best -= 1  # the interpolated decode step was a little low: step back to what fits
         at = max(best, 1)
-        peak = self._timed(lambda: curve.peaks(at, simulate_decode=True) if new_tokens >= 3 and best >= 1 else peaks_of(at))
-        over = self._timed(peaks_of, best + 1) if best < bound else None
+        peak = self._simulate(lambda: curve.peaks(at, simulate_decode=True) if new_tokens >= 3 and best >= 1 else peaks_of(at))
+        over = self._simulate(peaks_of, best + 1) if best < bound else None
         binding = _excess(over, capacity)[1] if over is not None else None
         return PromptLimit(batch, new_tokens, max(best, 0), bound, binding, peak)
 
@@ -168,16 +164,13 @@ class GenerationPredictor:
             return 0
         return largest_fitting(lambda n: _excess(curve.decode(prompt + n - 2), capacity)[0] if n >= 3 else -1, 1, new_tokens - 1)
 
-    def _timed(self, function, *args):
-        started = time.perf_counter()
+    def _simulate(self, function, *args):
         try:
             return function(*args)
         except GenerationUnknown:
             raise
         except Exception as error:  # noqa: BLE001 - modeling code on fake tensors: say why, never raise raw
             raise GenerationUnknown(_why(error)) from error
-        finally:
-            self.simulations_seconds += time.perf_counter() - started
 
 
 

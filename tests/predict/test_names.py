@@ -10,7 +10,6 @@ from llm_magic.names import (
     accelerators,
     device_sort_key,
     dtype_name,
-    dtype_size,
     is_accelerator,
     normalize_device,
     normalize_device_map,
@@ -93,8 +92,6 @@ def test_transformers_spellings_only_without_aliases():
             parse_dtype(bad)
 
 
-def test_dtype_names_and_sizes():
+def test_dtype_names():
     assert dtype_name(torch.bfloat16) == "bfloat16"
-    assert [dtype_size(d) for d in (torch.bfloat16, "fp32", "float8_e4m3fn", torch.float64)] == [2, 4, 1, 8]
-    with pytest.raises(ValueError):
-        dtype_size("auto")
+    assert dtype_name(parse_dtype("fp32")) == "float32"
