@@ -167,6 +167,8 @@ def _failure(exc: BaseException, plan: BodyPlan) -> tuple[BaseException, str | N
 
 
 def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
+    # One function on purpose: the order of its steps is the promise (check every source,
+    # measure, release only what the cell replaces, run, measure again), read top to bottom.
     shell_state.require_shell(shell)
     from llm_magic.measure.memory import memory_snapshot
     from llm_magic.measure.placement import model_placement
