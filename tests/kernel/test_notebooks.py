@@ -194,6 +194,21 @@ def test_quickstart_llmfree_frees_the_model(quickstart):
     assert "model freed: True" in stdout(final)
 
 
+def test_quickstart_guard_releases_the_displayed_model_before_the_plain_reload(quickstart):
+    # Without guard mode the old model would survive the re-run: Out[n] and `_` hold it.
+    cells = code_cells(quickstart)
+    load_line = 'model = AutoModelForCausalLM.from_pretrained(path, device_map="auto")'
+    first = cell_index(quickstart, "from transformers import AutoModelForCausalLM")
+    displayed, rerun = (cell_index(quickstart, load_line, n) for n in range(2))
+    assert "released" not in stdout(cells[first])  # the first load replaces nothing
+    assert "released" not in stdout(cells[displayed])  # `model` was freed by %llmfree just before
+    text = stdout(cells[rerun])
+    assert re.search(r"^released `model` \([\d.]+ MiB cpu; also in Out\[\d+\], _\d+, _[,)]", text), text
+    assert "`%llmguard off` to stop" in text
+    check = cells[cell_index(quickstart, 'print("old model freed', 1)]
+    assert "old model freed: True" in stdout(check)
+
+
 def test_demo_transcript_has_the_tables_as_plain_text(quickstart):
     from support.demo import format_transcript
 
