@@ -114,7 +114,9 @@ def _last_result_ref(shell) -> Iterator[HiddenRef]:
         if result is not None:
             result.result = None
 
-    yield HiddenRef("last_execution_result", roots=roots, clear=clear)
+    # Labelled as the user would say it, like "last traceback": IPython keeps the previous
+    # cell's value in `shell.last_execution_result.result`.
+    yield HiddenRef("last result", roots=roots, clear=clear)
 
 
 # -- the last exception ---------------------------------------------------------------------

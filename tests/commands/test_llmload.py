@@ -96,9 +96,12 @@ def test_reload_frees_model_held_by_last_execution_result(shell, tiny_model):
     assert shell.last_execution_result.result is old()
     # Clear the visible output history by hand, as `%reset -f out` would (it misses some).
     shell.run_line_magic("reset", "-f out")
-    load(shell, tiny_model)
+    result, captured = load(shell, tiny_model, options="-o")
     gc.collect()
     assert old() is None
+    # Said as the user would, like "last traceback": not IPython's attribute name.
+    assert "last result" in result.result.released.released[0].cleared
+    assert "last_execution_result" not in captured.stdout
 
 
 def test_traceback_and_output_together(shell, tiny_model):

@@ -203,7 +203,7 @@ def test_reports_are_json_for_weird_names(shell, tiny_model):
     ok(shell, "keep = dict(d)\ndel d")
     freed = ok(shell, "%llmfree --hidden -o")
     labels = set(round_trip(freed.to_dict())["also_cleared"])
-    assert labels and all(label.startswith(("Out[", "_")) or label == "last_execution_result" for label in labels)
+    assert labels and all(label.startswith(("Out[", "_")) or label == "last result" for label in labels)
     held = ok(shell, "%llmfree модель -o")
     assert round_trip(held.to_dict())["released"][0]["held_by"][0] == "模型"
     report = ok(shell, "%%llmload name -o\nx = 1")
