@@ -26,7 +26,7 @@ FILE_SIZE = Symbol("accelerate", "accelerate.utils", "convert_file_size_to_int",
                    "sizes written as strings in a user's max_memory")
 
 # The hook attributes read are instance state, not module symbols: `_hf_hook`, `hooks`,
-# `offload`, `weights_map`, `execution_device`, `dataset`, `prefix`, `state_dict`, `index`,
+# `offload`, `weights_map`, `execution_device`, `place_submodules`, `dataset`, `prefix`, `state_dict`, `index`,
 # `save_folder`. Each is read with a default, so a renamed one reads as "unknown".
 
 
@@ -64,6 +64,11 @@ def offload_weights_map(hook: Any) -> Any | None:
     attrs = instance_dict(hook) or {}
     weights_map = attrs.get("weights_map")
     return weights_map if attrs.get("offload") is True and weights_map is not None else None
+
+
+def loads_submodules(hook: Any) -> bool:
+    """Does the hook load its submodules' weights too (`place_submodules`), not only its module's own?"""
+    return (instance_dict(hook) or {}).get("place_submodules") is True
 
 
 def execution_device(hook: Any) -> Any | None:

@@ -6,8 +6,8 @@ grew) to its device, and peaks there at its kind's transient on top of everythin
 cache of the steps before, the masks and rotary tables the prologue made (on the main device),
 the hidden states, the layers before it. accelerate's hooks add copies where a layer runs on
 another device than its inputs (the hidden states from the layer before, the masks and tables
-from the main device) and the layer's weights when they are offloaded (streamed in for its call
-and, as measured, kept until the step ends).
+from the main device) and, when its weights are offloaded, the largest submodule's weights, which
+are there only while that submodule runs (see gen_layout._streamed_bytes).
 The head runs on its device after the last layer.
 
 Exact for a replica that is the whole model on one device (the tests check it against a fake
@@ -37,8 +37,8 @@ def compose(layout: GenLayout, step: StepTrace, trace_index: Callable[[int], int
 
     # What earlier steps left besides the cache (the previous step's output and logits, which
     # generate still holds during this forward; its token ids and mask), on the main device.
-    resident[main] += step.start - sum(trace.held for trace in step.layers) + layout.streamed_other.get("embedding", 0)
-    at_least(main, resident[main] + step.prologue_peak - step.start)
+    resident[main] += step.start - sum(trace.held for trace in step.layers)
+    at_least(main, resident[main] + step.prologue_peak - step.start + layout.streamed_other.get("embedding", 0))
     resident[main] += step.base
     hidden_device, hidden = main, traces[0].hidden
     for index, (trace, device) in enumerate(zip(traces, layout.layer_devices)):
@@ -50,18 +50,16 @@ def compose(layout: GenLayout, step: StepTrace, trace_index: Callable[[int], int
             copies += trace.others
         here = resident[device] + (trace.hidden if hidden_device == device else 0)
         at_least(device, here + copies + trace.transient)
-        # Streamed weights stay until the step ends (measured with accelerate's disk offload on
-        # the cpu: freed with the model's output, not after each layer).
-        resident[device] += trace.kept + layout.streamed_bytes[index]
+        resident[device] += trace.kept
         if index == 0:
             resident[main] += step.kept_after_first
         hidden_device, hidden = device, trace.output
 
     last = traces[-1]
     head = layout.head_device
-    resident[head] += layout.streamed_other.get("head", 0)
-    # After the last layer its input and output are both alive; the head adds its own peak.
-    on_head = resident[head] + (last.hidden + hidden if hidden_device == head else hidden)
+    # After the last layer its input and output are both alive; the head adds its own peak (and
+    # its weights, while it runs, when they are offloaded).
+    on_head = resident[head] + layout.streamed_other.get("head", 0) + (last.hidden + hidden if hidden_device == head else hidden)
     at_least(head, on_head + step.epilogue_peak - last.exit)
     if hidden_device != head:
         at_least(hidden_device, resident[hidden_device] + last.hidden + hidden)

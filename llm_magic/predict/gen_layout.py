@@ -5,7 +5,7 @@ What the simulation needs to know about the real model, and nothing that holds i
   layers of one kind are identical, so one of each is simulated and the rest are arithmetic;
 - each layer's execution device (accelerate's hook decides: a layer mapped to cpu or disk in a
   model with an accelerator runs on the accelerator, its weights streamed in for each call),
-  and how many bytes of weights are streamed for it;
+  and the most bytes of weights copied in for it at once (one submodule's: see `_streamed_bytes`);
 - the main device (inputs, masks, rotary tables: where the embedding runs) and the head's device;
 - the weights resident on each device, the dtypes, the attention implementation and the
   context window.
@@ -16,19 +16,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_magic.compat.accelerate import (
+    find_offloaded,
+    loads_submodules,
+    module_hooks,
+    offload_weights_map,
+)
 from llm_magic.measure.layer_types import (
     decoder_layer_types,
     has_sliding_layers,
     text_config,
 )
 from llm_magic.measure.model_devices import (
-    accelerate_hooks,
     decoder_layers,
     execution_device,
     model_device,
     model_dtype,
 )
-from llm_magic.names import normalize_device
+from llm_magic.names import dtype_name, normalize_device
+from llm_magic.predict.checkpoint import SAFETENSORS_TO_TORCH, read_safetensors_header
 
 # Attention implementations simulated as they are; the others run as sdpa, whose memory (output
 # and log-sum-exp, no score matrix) is what the fused kernels (flash attention 2/3) hold too.
@@ -48,8 +54,8 @@ class GenLayout:
     layer_kinds: tuple[int, ...]  # the kind of each layer (an index into kind_shapes)
     picks: tuple[int, ...]  # the replica's layers: the first two, and the first of each kind
     kind_shapes: tuple[tuple, ...]  # per kind: (class name, ((parameter, shape), ...)) to check a replica
-    streamed_bytes: tuple[int, ...]  # per layer: offloaded weights copied to its device while it runs
-    streamed_other: dict[str, int]  # "embedding", "head": their offloaded weights, likewise
+    streamed_bytes: tuple[int, ...]  # per layer: most offloaded weight bytes copied to its device at once
+    streamed_other: dict[str, int]  # "embedding", "head": likewise
     main_device: str
     head_device: str
     weights_by_device: dict[str, int]  # bytes resident now (or, for a meta model, once loaded)
@@ -129,11 +135,11 @@ def layout_of_loaded(model: Any) -> GenLayout:
     devices, streamed = [], []
     for layer in layers:
         devices.append(execution_device(layer) or "cpu")
-        streamed.append(_streamed_bytes(layer))
+        streamed.append(_streamed_bytes(layer, devices[-1]))
     main = model_device(model) or devices[0]
     head = _head_device(model) or devices[-1]
     ends = {"embedding": model.get_input_embeddings(), "head": model.get_output_embeddings()}
-    other = {key: _streamed_bytes(module) for key, module in ends.items() if module is not None}
+    other = {key: _streamed_bytes(module, execution_device(module) or main) for key, module in ends.items() if module is not None}
     weights: dict[str, int] = {}
     for parameter in (*model.parameters(), *model.buffers()):
         if parameter.device.type != "meta":
@@ -167,7 +173,7 @@ def layout_of_meta(model: Any, device_map: dict[str, Any] | None) -> GenLayout:
         name = f"{path}.{index}"
         devices.append(runs_on(name))
         offloaded = placed(name) in ("cpu", "disk") and main_accelerator is not None or placed(name) == "disk"
-        streamed.append(sum(p.numel() * p.element_size() for p in layer.parameters()) if offloaded else 0)
+        streamed.append(_largest_module_bytes(layer) if offloaded else 0)
     weights: dict[str, int] = {}
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         device = placed(name)
@@ -180,7 +186,7 @@ def layout_of_meta(model: Any, device_map: dict[str, Any] | None) -> GenLayout:
     for key, module in (("embedding", embedding), ("head", head)):
         name = names.get(id(module), "")
         if module is not None and (placed(name) == "disk" or placed(name) == "cpu" and main_accelerator):
-            other[key] = sum(p.numel() * p.element_size() for p in module.parameters())
+            other[key] = _largest_module_bytes(module)
     return _layout(model, layers, path, devices, streamed, main, head_device, weights, other)
 
 
@@ -263,12 +269,55 @@ def _kinds(model: Any, layers) -> tuple[list[int], list[int], list[tuple]]:
     return kinds, picks, shapes
 
 
-def _streamed_bytes(layer: Any) -> int:
-    """Bytes of weights accelerate copies onto the execution device for each call (offloaded layers)."""
-    offloaded = any(getattr(hook, "offload", False) for hook in accelerate_hooks(layer))
-    if not offloaded:
-        return 0
-    return sum(p.numel() * p.element_size() for p in layer.parameters() if p.device.type == "meta")
+def _streamed_bytes(module: Any, device: str) -> int:
+    """The most bytes of offloaded weights copied onto `device` at once while `module` runs.
+
+    accelerate puts an offloading hook on each submodule that has weights: it loads that
+    submodule's weights before its forward and sets them back to meta after it (AlignDevicesHook
+    `pre_forward` / `post_forward`; measured on the cpu: each is freed before the next loads). So
+    one submodule's weights are there at a time, and the largest is what a peak can include. A
+    weight used in place costs nothing: a tensor already in RAM when the module runs on the cpu,
+    or a safetensors file read on the cpu in its stored dtype (`safe_open` maps the file; the
+    tensor is file pages, not allocated memory).
+    """
+    largest, headers = 0, {}
+    for submodule in module.modules():
+        for hook in module_hooks(submodule):
+            weights_map = offload_weights_map(hook)
+            if weights_map is None:
+                continue
+            weights = submodule.named_parameters(recurse=loads_submodules(hook))
+            copied = sum(_copied_bytes(weights_map, name, weight, device, headers) for name, weight in weights
+                         if weight.device.type == "meta")
+            largest = max(largest, copied)
+    return largest
+
+
+def _copied_bytes(weights_map: Any, name: str, weight: Any, device: str, headers: dict) -> int:
+    """Bytes the hook allocates on `device` to bring offloaded `weight` in (0: used in place)."""
+    size = weight.numel() * weight.element_size()
+    found = find_offloaded(weights_map, name) if device == "cpu" else None
+    if found is None:  # onto an accelerator, or not found: a copy
+        return size
+    if found.tensor is not None:
+        return 0 if found.tensor.dtype == weight.dtype else size
+    entry = found.index_entry or {}
+    path = entry.get("safetensors_file")
+    if not isinstance(path, str):  # accelerate's own .dat files: read into a new tensor
+        return size
+    if path not in headers:
+        try:
+            headers[path] = read_safetensors_header(path)
+        except (OSError, ValueError):
+            headers[path] = {}
+    stored = (headers[path].get(entry.get("weight_name", found.key)) or {}).get("dtype")
+    return 0 if SAFETENSORS_TO_TORCH.get(stored) == dtype_name(weight.dtype) else size
+
+
+def _largest_module_bytes(module: Any) -> int:
+    """The weights of the largest submodule (its own, not its children's): what one hook streams in."""
+    return max((sum(p.numel() * p.element_size() for p in sub.parameters(recurse=False)) for sub in module.modules()),
+               default=0)
 
 
 def _head_device(model: Any) -> str | None:
