@@ -13,6 +13,7 @@ import types
 from itertools import islice
 from typing import Any, Iterator
 
+from llm_magic.engine.paths import closure_note
 from llm_magic.engine.shapes import (
     ATOMIC_TYPES,
     CELL,
@@ -151,7 +152,7 @@ def _function_items(function: types.FunctionType) -> Iterator[tuple[str, Any]]:
             continue
         # The free variable's name follows as a note: the path before it is one the user can
         # evaluate, the name is how they know the variable.
-        name = f" (closure `{names[index]}`)" if index < len(names) else ""
+        name = closure_note(names[index]) if index < len(names) else ""
         yield f".__closure__[{index}].cell_contents{name}", value
     yield from _attribute_items(function)
 

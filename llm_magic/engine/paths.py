@@ -6,6 +6,7 @@ single reference and never raises.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -68,10 +69,24 @@ def target_path(node: ast.expr) -> TargetPath | None:
 
 
 
+# A closure cell's path is shown as the path the user can evaluate, then the free variable's name
+# as a note: "gen.__closure__[0].cell_contents (closure `m`)". Written by engine/contents.py; read
+# back here, so that a path pasted from a report works as it is.
+_CLOSURE_NOTE = re.compile(r"\s*\(closure `[^`]*`\)\s*$")
+
+
+def closure_note(variable: str) -> str:
+    return f" (closure `{variable}`)"
+
+
+def is_closure_note(text: str) -> bool:
+    return _CLOSURE_NOTE.fullmatch(text) is not None
+
+
 def parse_target(text: str) -> TargetPath:
     """Parse a user-typed name such as `model` or `results[0].model` (for `%llmfree`)."""
     try:
-        node = ast.parse(text.strip(), mode="eval").body
+        node = ast.parse(_CLOSURE_NOTE.sub("", text.strip()), mode="eval").body
     except (SyntaxError, RecursionError):
         raise ValueError(f"{_shorten(text)!r} is not a name") from None
     path = target_path(node)

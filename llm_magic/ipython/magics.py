@@ -8,11 +8,13 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from traitlets import Bool, Int
 
 from llm_magic.commands.autoload import DEVICE_MAP_CHOICES
+from llm_magic.engine.paths import is_closure_note
 from llm_magic.names import DTYPE_CHOICES
 
 
 def split_names(line: str) -> list[str]:
-    """Split a magic line on spaces outside brackets and quotes: `d['a b'] -o` -> 2 tokens."""
+    """Split a magic line on spaces outside brackets and quotes: `d['a b'] -o` -> 2 tokens. A
+    closure note pasted with its path stays with it: `f.__closure__[0].cell_contents (closure `m`)`."""
     tokens, current, depth, quote = [], "", 0, None
     for char in line.strip():
         if quote:
@@ -31,7 +33,13 @@ def split_names(line: str) -> list[str]:
         current += char
     if current:
         tokens.append(current)
-    return tokens
+    joined: list[str] = []
+    for token in tokens:
+        if joined and is_closure_note(token):
+            joined[-1] += " " + token
+        else:
+            joined.append(token)
+    return joined
 
 
 @magics_class

@@ -78,3 +78,13 @@ def test_unnamed_only_when_no_name_reaches_it(shell, tiny_model):
     assert not item.freed
     assert item.held_by[0].startswith("unnamed: reachable from no name"), item.held_by
     run(shell, "cached.cache_clear()")
+
+
+def test_closure_path_pasted_from_the_report_frees_the_model(shell, tiny_model):
+    load(shell, tiny_model)
+    ok(shell, "def make(m):\n    return lambda prompt: m\nkeeper = make(model)\ndel model")
+    [row] = ok(shell, "%gpustate -o").holders.rows
+    old = weakref.ref(shell.user_ns["keeper"].__closure__[0].cell_contents)
+    freed = ok(shell, f"%llmfree {row.path} -o")  # as shown: "... (closure `m`)"
+    assert freed.released[0].freed and old() is None
+    assert "keeper" in shell.user_ns  # only the cell's reference was dropped
