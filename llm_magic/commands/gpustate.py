@@ -77,6 +77,12 @@ class GpuState:
             "small_bytes": self.small_bytes,
         }
 
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        from llm_magic.render.core import mimebundle
+        from llm_magic.render.gpustate import render_gpustate
+
+        return mimebundle(render_gpustate(self), include=include, exclude=exclude)
+
 
 def _reconcile(memory: MemorySnapshot, explained: dict[str, int]) -> tuple[Reconciliation, ...]:
     lines = []

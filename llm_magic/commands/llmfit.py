@@ -90,7 +90,7 @@ class FitReport:
         from llm_magic.render.core import mimebundle
         from llm_magic.render.fit import render_fit
 
-        return mimebundle(render_fit(self))
+        return mimebundle(render_fit(self), include=include, exclude=exclude)
 
 
 def parse_budget(text: str) -> dict[str, int]:

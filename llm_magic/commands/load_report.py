@@ -86,4 +86,4 @@ class LoadReport:
         from llm_magic.render.core import mimebundle
         from llm_magic.render.load import render_load_report
 
-        return mimebundle(render_load_report(self))
+        return mimebundle(render_load_report(self), include=include, exclude=exclude)

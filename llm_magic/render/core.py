@@ -123,17 +123,26 @@ def warnings_panel(warnings: Iterable[str]) -> Panel | None:
     return Panel(body, title="Warning", title_align="left", border_style=PALETTE["warn"], box=box.HEAVY)
 
 
-def mimebundle(renderable, width: int = PLAIN_WIDTH) -> dict[str, str]:
+def mimebundle(renderable, width: int = PLAIN_WIDTH, include=None, exclude=None) -> dict[str, str]:
     """text/plain (what a terminal shows, without colour codes) and text/html (semantic HTML
-    styled by the notebook's theme, see render/html.py) for one renderable."""
+    styled by the notebook's theme, see render/html.py) for one renderable. `include` and
+    `exclude` are IPython's `_repr_mimebundle_` arguments: only the formats asked for are made."""
     from llm_magic.render.html import to_html
 
+    def wanted(mime: str) -> bool:
+        return (not include or mime in include) and not (exclude and mime in exclude)
+
+    bundle = {}
+    if wanted("text/html"):
+        bundle["text/html"] = to_html(renderable)
+    if not wanted("text/plain"):
+        return bundle
     # force_jupyter=False: in a kernel, a recording console would otherwise display its own copy.
     console = Console(record=True, width=width, file=_Discard(), force_terminal=True, force_jupyter=False)
     console.print(renderable)
     # rich pads a table's title to the table's width: trailing spaces help no reader or log.
-    text = "\n".join(line.rstrip() for line in console.export_text(clear=True, styles=False).split("\n"))
-    return {"text/plain": text, "text/html": to_html(renderable)}
+    bundle["text/plain"] = "\n".join(line.rstrip() for line in console.export_text(clear=True, styles=False).split("\n"))
+    return bundle
 
 
 class _Discard:

@@ -36,6 +36,9 @@ def test_named_model_row_and_cpu_memory(shell, tiny_model):
     cpu = state.memory.device("cpu")
     assert cpu.total_bytes >= cpu.free_bytes > 0 and cpu.rss_bytes > 0
     assert "model" in output and "RSS" in output and "tensors explain" in output
+    # The returned snapshot displays as the same table (a notebook's `state` cell), not a dataclass dump.
+    bundle = state._repr_mimebundle_()
+    assert "tensors explain" in bundle["text/plain"] and 'class="llm-magic"' in bundle["text/html"]
 
 
 def test_model_held_only_by_output_is_a_hidden_holder(shell, tiny_model):

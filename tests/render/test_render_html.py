@@ -150,6 +150,13 @@ def test_mimebundle_plain_text_has_no_colour_codes_or_trailing_spaces():
     assert bundle["text/html"].startswith('<div class="llm-magic"><style>')
 
 
+def test_mimebundle_makes_only_the_formats_ipython_asks_for():
+    renderable = stack([sample_table()])
+    assert set(mimebundle(renderable, include={"text/plain"})) == {"text/plain"}
+    assert set(mimebundle(renderable, exclude={"text/plain"})) == {"text/html"}
+    assert set(mimebundle(renderable, include={"text/html", "text/plain"}, exclude={"text/html"})) == {"text/plain"}
+
+
 # --- real reports from a real shell ----------------------------------------------------------------
 
 
@@ -162,6 +169,7 @@ def test_load_report_with_disk_offload_as_html(shell, tiny_model, tmp_path):
         f"max_memory={{'cpu': 300_000}}, offload_folder={str(tmp_path / 'off')!r})\n",
     )
     bundle = report._repr_mimebundle_()
+    assert set(report._repr_mimebundle_(include={"text/plain"})) == {"text/plain"}  # IPython's include honoured
     tree = Tree(bundle["text/html"])
     captions = [c["text"] for c in tree.find("caption")]
     assert captions[0] == "Released" and captions[1].startswith("model: LlamaForCausalLM")
