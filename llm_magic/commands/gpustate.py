@@ -19,7 +19,7 @@ from llm_magic.engine.holders import (
     scan_holders,
 )
 from llm_magic.engine.release import HiddenRef
-from llm_magic.engine.walk import ROOT_BUDGET, paused_gc
+from llm_magic.engine.walk import ROOT_BUDGET, SEARCH_EVERYTHING, cut_names, paused_gc
 from llm_magic.measure.memory import MemorySnapshot, memory_snapshot
 from llm_magic.measure.placement import DiskSource, model_placement
 from llm_magic.units import format_bytes
@@ -136,8 +136,7 @@ def _who_and_fix(row: HolderRow, cut: Sequence[str]) -> str:
     if row.kind == HIDDEN:
         return f"only by {row.path} — `%llmfree --hidden`"
     if cut:
-        names = ", ".join(cut[:3])
-        return f"by an {row.path}: perhaps inside {names}, where the search stopped early — `%gpustate --deep` searches everything"
+        return f"by an {row.path}: perhaps inside {cut_names(cut)}, where the search stopped early — {SEARCH_EVERYTHING}"
     return f"by an {row.path} (no name reaches it) — find what refers to it with gc.get_referrers"
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from llm_magic.names import normalize_device
 from llm_magic.units import format_bytes
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -101,10 +102,10 @@ def parse_budget(text: str) -> dict[str, int]:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", amount)
         if not sep or not match or match.group(2).lower() not in _UNITS:
             raise FitError(f"--budget: cannot read {part!r} (write DEVICE=SIZE, e.g. cuda:0=15GiB,cpu=12GiB)")
-        device = device.strip().lower()
-        device = f"cuda:{device}" if device.isdigit() else ("cuda:0" if device == "cuda" else device)
+        written = device.strip().lower()
+        device = normalize_device(written)  # "0", "cuda", "mps" -> "cuda:0", "cuda:0", "mps:0"
         if not re.fullmatch(r"(cpu|(cuda|xpu|mps|npu):\d+)", device):
-            raise FitError(f"--budget: unknown device {device!r} (cpu, cuda:0, cuda:1, ...)")
+            raise FitError(f"--budget: unknown device {written!r} (cpu, cuda:0, cuda:1, ...)")
         budget[device] = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if not budget:
         raise FitError("--budget is empty (write DEVICE=SIZE, e.g. cuda:0=15GiB,cpu=12GiB)")
@@ -117,11 +118,12 @@ def _model(shell, name: str) -> Any:
     from llm_magic.predict.gen_layout import is_generative_decoder, unwrap
 
     try:
-        value = resolve(parse_target(name), shell.user_ns)
+        path = parse_target(name)
+        value = resolve(path, shell.user_ns)
     except ValueError as error:
         raise FitError(str(error)) from None
-    except Unresolvable:
-        raise FitError(f"no variable {name!r} in the namespace") from None
+    except Unresolvable as missing:  # which part is missing: "pipe has no attribute 'modle'"
+        raise FitError(missing.reason if path.steps else f"no variable {name!r} in the namespace") from None
     model = find_model(value)
     if model is None:
         raise FitError(f"{name} is a {type(value).__name__}, not a model")

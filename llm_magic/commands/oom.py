@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from llm_magic.commands.oom_errors import (
@@ -226,9 +227,9 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
     # After the release, so that what the frames held is gone from the list.
     scan = scan_holders(visible_names(shell), hidden_refs(shell), find_orphans=True)
     holders = _rank_holders(scan.rows, device)
-    models = _language_models(shell)[:MAX_MODELS]
-    found = (model_headroom(model, name, snapshot, failed=failed.get(id(model))) for name, model in models)
-    headroom = tuple(item for item in found if item is not None)
+    # Encoders get no line: cut to MAX_MODELS after dropping them, so none takes a decoder's place.
+    found = (model_headroom(model, name, snapshot, failed=failed.get(id(model))) for name, model in _language_models(shell))
+    headroom = tuple(islice((item for item in found if item is not None), MAX_MODELS))
     return OOMExplanation(
         error=first_line(oom),
         message=message,

@@ -9,7 +9,14 @@ import types
 from typing import Any, Iterable, Sequence
 
 from llm_magic.engine.tensors import is_module, is_tensor, module_tensors
-from llm_magic.engine.walk import WalkStats, find_paths, paused_gc, type_name
+from llm_magic.engine.walk import (
+    SEARCH_EVERYTHING,
+    WalkStats,
+    cut_names,
+    find_paths,
+    paused_gc,
+    type_name,
+)
 
 _INDEX = re.compile(r"\[\d+\]")
 
@@ -45,10 +52,9 @@ def name_holders(
 def _describe_unnamed(referrers: str, cut: list[str]) -> str:
     if not cut:
         return f"unnamed: reachable from no name, referenced by {referrers}"
-    names = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
     return (
-        f"not found: the search stopped early in {names} (too many objects), referenced by {referrers}"
-        " — `%gpustate --deep` searches everything"
+        f"not found: the search stopped early in {cut_names(cut)} (too many objects), referenced by {referrers}"
+        f" — {SEARCH_EVERYTHING}"
     )
 
 

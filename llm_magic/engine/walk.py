@@ -144,6 +144,16 @@ def _walk(
         stats.visited += visited
 
 
+def cut_names(cut: Iterable[str], limit: int = 3) -> str:
+    """The roots whose walk was cut, as every message names them: "a, b, c and 2 more"."""
+    cut = list(cut)
+    return ", ".join(cut[:limit]) + (f" and {len(cut) - limit} more" if len(cut) > limit else "")
+
+
+# What every "the walk was cut" message ends with: how to see everything.
+SEARCH_EVERYTHING = "`%gpustate --deep` searches everything"
+
+
 def walk_leaves(
     roots: Iterable[tuple[str, Any]],
     *,

@@ -105,14 +105,16 @@ def headroom(model: Any, name: str, snapshot: Any, *, batch: int = 1, new_tokens
     return _line(predictor, name, batch, new_tokens, capacity_now(predictor.layout, snapshot, notes), notes)
 
 
-def fit_line_for_meta_model(meta_model: Any, name: str, device_map: dict[str, Any] | None, free_bytes: Peaks, *,
-                            batch: int = 1, new_tokens: int = DEFAULT_NEW_TOKENS) -> GenerationHeadroom | None:
+def fit_line_for_meta_model(meta_model: Any, name: str, device_map: dict[str, Any] | None, free_bytes: Peaks,
+                            weights_by_device: Peaks, *, batch: int = 1,
+                            new_tokens: int = DEFAULT_NEW_TOKENS) -> GenerationHeadroom | None:
     """The headroom line for a model not loaded yet (`%%llmload --dry-run`).
 
     `meta_model`: the model built on the meta device from its config (as pre-flight builds it),
     `device_map`: the predicted placement (module -> device; None: all on the cpu), `free_bytes`:
-    free memory per device before the load (after what the cell would release). The predicted
-    weights on each device are taken out of it.
+    free memory per device before the load (after what the cell would release), `weights_by_device`:
+    the predicted placement's bytes, taken out of it. (Those, not the meta model's parameters: the
+    prediction counts tied weights once, float32 upcasts and quantized sizes as the load makes them.)
     """
     if not is_generative_decoder(meta_model):
         return None
@@ -122,7 +124,7 @@ def fit_line_for_meta_model(meta_model: Any, name: str, device_map: dict[str, An
     except Exception as error:  # noqa: BLE001 - never an exception out of a dry run
         return _unknown(name, batch, new_tokens, f"{type(error).__name__}: {error}"[:200])
     notes: list[str] = []
-    capacity = {device: free_bytes[device] - layout.weights_by_device.get(device, 0)
+    capacity = {device: free_bytes[device] - weights_by_device.get(device, 0)
                 for device in layout.devices if free_bytes.get(device) is not None}
     notes += [f"free memory on {device} unknown: it is not checked" for device in layout.devices if device not in capacity]
     return _line(predictor, name, batch, new_tokens, capacity, notes)

@@ -160,9 +160,10 @@ class GenerationPredictor:
     def largest_new_tokens(self, batch: int, prompt: int, new_tokens: int, capacity: Peaks, *, padded: bool = False) -> int:
         """The most new tokens (below `new_tokens`) a prompt of `prompt` tokens fits with; 0 if none."""
         curve = self.curve(batch, new_tokens, padded)
-        if _excess(curve.prefill(prompt), capacity)[0] > 0:
+        if _excess(self._simulate(curve.prefill, prompt), capacity)[0] > 0:
             return 0
-        return largest_fitting(lambda n: _excess(curve.decode(prompt + n - 2), capacity)[0] if n >= 3 else -1, 1, new_tokens - 1)
+        return self._simulate(largest_fitting, lambda n: _excess(curve.decode(prompt + n - 2), capacity)[0] if n >= 3 else -1,
+                              1, new_tokens - 1)
 
     def _simulate(self, function, *args):
         try:

@@ -109,7 +109,8 @@ def _with_generation(call: LoadCall, replayed, context: Context, draft: Draft) -
     from llm_magic.predict.gen_headroom import fit_line_for_meta_model
 
     free = {device: nbytes for device, nbytes in context.free.items() if nbytes is not None}
-    line = fit_line_for_meta_model(replayed.model, call.target or "model", draft.device_map, free, batch=context.generation_batch)
+    line = fit_line_for_meta_model(replayed.model, call.target or "model", draft.device_map, free, draft.bytes_by_device,
+                                   batch=context.generation_batch)
     return draft.with_(generation=line)
 
 

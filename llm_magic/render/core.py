@@ -9,7 +9,7 @@ changes anything.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from rich import box
 from rich.console import Console, Group
@@ -59,9 +59,7 @@ def stack(parts: Iterable[Any]) -> Group:
     one-line hint into three in a wide terminal.
     """
     stacked: list[Any] = []
-    for part in parts:
-        if part is None:
-            continue
+    for part in _flattened(parts):
         if stacked and isinstance(part, (Table, Panel)):
             stacked.append(Text(""))
         stacked.append(part)
@@ -70,6 +68,15 @@ def stack(parts: Iterable[Any]) -> Group:
             part.caption = None
             stacked.append(caption if isinstance(caption, Text) else Clauses(str(caption), style=DIM))
     return Group(*stacked)
+
+
+def _flattened(parts: Iterable[Any]) -> Iterator[Any]:
+    """The parts, with groups opened (a table inside one gets its blank line and caption too)."""
+    for part in parts:
+        if isinstance(part, Group):
+            yield from _flattened(part.renderables)
+        elif part is not None:
+            yield part
 
 
 class Clauses:

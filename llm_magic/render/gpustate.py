@@ -8,6 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from llm_magic.engine.walk import SEARCH_EVERYTHING, cut_names
 from llm_magic.render.core import (
     DIM,
     HEADING,
@@ -81,8 +82,7 @@ def _cut_note(cut) -> str:
     """Which names the search stopped early in, and how to see everything."""
     if not cut:
         return ""
-    names = ", ".join(cut[:5]) + (f" and {len(cut) - 5} more" if len(cut) > 5 else "")
-    return f"the search stopped early in {names} (too many objects): holders inside may be missing — %gpustate --deep searches everything"
+    return f"the search stopped early in {cut_names(cut)} (too many objects): holders inside may be missing — {SEARCH_EVERYTHING}"
 
 
 def _reconciliation_lines(state) -> Text:

@@ -8,6 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from llm_magic.engine.walk import SEARCH_EVERYTHING, cut_names
 from llm_magic.names import device_sort_key
 from llm_magic.render.core import (
     DIM,
@@ -58,12 +59,12 @@ def kept_table(kept: Iterable) -> Table | Group | Text | None:
     kept = list(kept)
     # A line of its own, not the caption: the table is narrow and would wrap it.
     cut_note = Text(
-        f"Still loaded: the search stopped early in {', '.join(cut[:3])} (too many objects): "
-        "models inside may be missing — %gpustate --deep searches everything",
+        f"Still loaded: the search stopped early in {cut_names(cut)} (too many objects): "
+        f"models inside may be missing — {SEARCH_EVERYTHING}",
         style=WARN,
-    )
+    ) if cut else None
     if not kept:
-        return cut_note if cut else None
+        return cut_note
     table = new_table("Still loaded (kept: not replaced by this cell)", ("name", "left"), ("type", "left"), ("memory", "right"))
     for holder in kept:
         table.add_row(holder.path, holder.type_name.rsplit(".", 1)[-1], format_by_device(holder.bytes_by_device))

@@ -8,6 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from llm_magic.engine.walk import SEARCH_EVERYTHING, cut_names
 from llm_magic.render.core import DIM, HEADING, OK, WARN, new_table, stack
 from llm_magic.units import format_by_device
 
@@ -34,8 +35,8 @@ def render_release(released, heading: str) -> Group:
     if released.cut:
         parts.append(
             Text(
-                f"Searched only in part (too many objects): {', '.join(released.cut[:5])} — what they hold was not released; "
-                "%gpustate --deep shows it",
+                f"Searched only in part (too many objects): {cut_names(released.cut)} — what they hold was not released; "
+                f"{SEARCH_EVERYTHING}",
                 style=WARN,
             )
         )

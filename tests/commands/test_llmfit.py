@@ -142,6 +142,7 @@ def test_bad_input_is_one_line_and_changes_nothing(loaded, line, message):
 def test_budget_strings():
     assert parse_budget("cuda:0=15GiB,cpu=12GiB") == {"cuda:0": 15 << 30, "cpu": 12 << 30}
     assert parse_budget("0=1.5GB, cpu=800MiB") == {"cuda:0": 1_500_000_000, "cpu": 800 << 20}
+    assert parse_budget("cuda=1GiB,mps=2GiB") == {"cuda:0": 1 << 30, "mps:0": 2 << 30}  # names as names.py spells them
     for bad in ("", "cuda:0", "cuda:0=", "cuda:0=1XB", "disk=1GiB"):
         with pytest.raises(FitError):
             parse_budget(bad)

@@ -147,3 +147,16 @@ def test_dry_run_shows_the_generation_line_of_the_predicted_placement(shell, tin
     [loaded] = real.result.headroom
     assert planned.summary.split(" (")[0] == loaded.generation.summary.split(" (")[0]
     assert planned.max_prompt_tokens == loaded.generation.max_prompt_tokens
+
+
+def test_dry_run_generation_capacity_is_free_memory_less_the_predicted_weights(shell, tiny_models):
+    """Tied weights count once: what generation gets is the free memory less the predicted
+    placement's bytes, not less the meta model's parameters (built untied on transformers 5)."""
+    path = tiny_models(tie_word_embeddings=True)
+    dry, _ = cell(shell, path, PLAIN_LOAD, "--dry-run -o")
+    [item] = dry.result.predictions
+    free = dry.result.memory_before.device("cpu").free_bytes
+    assert item.prediction.generation.capacity_bytes["cpu"] == free - item.prediction.bytes_by_device["cpu"]
+    real, _ = cell(shell, path, PLAIN_LOAD, "-o")
+    [placement] = real.result.models
+    assert item.prediction.bytes_by_device["cpu"] == placement.total_bytes  # the tied weight once

@@ -231,22 +231,6 @@ def test_explanation_lists_hidden_holders_and_kv_headroom(bare_shell, rescue, ti
     assert "Generation headroom of model (float32, sdpa): fits: the full 256-token context at batch 1" in output
 
 
-def test_unregister_restores_callbacks_exactly(bare_shell):
-    def earlier(result):
-        pass
-
-    bare_shell.events.register("post_run_cell", earlier)
-    before = list(bare_shell.events.callbacks["post_run_cell"])
-    handler = OOMRescue(bare_shell)
-    handler.register()
-    handler.register()  # twice: still one callback
-    assert len(bare_shell.events.callbacks["post_run_cell"]) == len(before) + 1
-    handler.unregister()
-    handler.unregister()  # twice: no error
-    assert bare_shell.events.callbacks["post_run_cell"] == before
-    assert bare_shell.events.callbacks["post_run_cell"][-1] is earlier
-
-
 def test_rescue_failure_keeps_the_users_exception(bare_shell):
     import torch
 

@@ -203,21 +203,6 @@ def test_off_stops_it(shell, lines, tiny_model):
     assert lines == []
 
 
-def test_start_and_stop_leave_callbacks_as_they_were(shell):
-    def earlier(result):
-        pass
-
-    shell.events.register("post_run_cell", earlier)
-    before = list(shell.events.callbacks["post_run_cell"])
-    watcher = Watcher(shell)
-    watcher.start()
-    watcher.start()  # twice: one callback
-    assert len(shell.events.callbacks["post_run_cell"]) == len(before) + 1
-    watcher.stop()
-    watcher.stop()
-    assert shell.events.callbacks["post_run_cell"] == before
-
-
 def test_without_torch_nothing_runs(shell, lines):
     # The watcher never imports torch; in this process torch is usually loaded already, so
     # the check is made in a subprocess.

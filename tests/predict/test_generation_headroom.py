@@ -77,9 +77,9 @@ def test_dry_run_line_for_a_model_not_loaded_yet(model):
     weights = predictor.layout.weights_by_device["cpu"]
     free_after = predictor.peaks(1, 100, 128)["cpu"]
     loaded = headroom(model, "model", cpu_free(free_after))
-    planned = fit_line_for_meta_model(meta, "model", None, {"cpu": free_after + weights})
+    planned = fit_line_for_meta_model(meta, "model", None, {"cpu": free_after + weights}, {"cpu": weights})
     assert planned.max_prompt_tokens == loaded.max_prompt_tokens and planned.summary == loaded.summary
-    roomy = fit_line_for_meta_model(meta, "model", {"": "cpu"}, {"cpu": 1 << 30})
+    roomy = fit_line_for_meta_model(meta, "model", {"": "cpu"}, {"cpu": 1 << 30}, {"cpu": weights})
     assert roomy.whole_context and roomy.summary.startswith("fits: the full 256-token context at batch 1")
 
 

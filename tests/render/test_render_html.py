@@ -150,6 +150,20 @@ def test_mimebundle_plain_text_has_no_colour_codes_or_trailing_spaces():
     assert bundle["text/html"].startswith('<div class="llm-magic"><style>')
 
 
+def test_a_table_inside_a_group_is_stacked_like_any_table():
+    """Reports return Group(table, note) when a walk was cut: the table still gets its blank
+    line above and its caption as a line of its own (not wrapped to the table's width)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    table = sample_table()
+    table.caption = "free them with %llmfree NAME ..., or reload with %%llmload --release-all"
+    lines = mimebundle(stack([Text("heading"), Group(table, Text("the search stopped early"))]))["text/plain"].splitlines()
+    assert lines[:2] == ["heading", ""]
+    assert "free them with %llmfree NAME ..., or reload with %%llmload --release-all" in lines
+    assert lines[-1] == "the search stopped early"
+
+
 def test_mimebundle_makes_only_the_formats_ipython_asks_for():
     renderable = stack([sample_table()])
     assert set(mimebundle(renderable, include={"text/plain"})) == {"text/plain"}
