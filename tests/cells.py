@@ -42,6 +42,13 @@ def namespace_ids(shell) -> dict[str, int]:
     return {name: id(value) for name, value in shell.user_ns.items()}
 
 
+def hidden_ids(shell) -> dict[str, int]:
+    """The ids the hidden copies hold (`Out[n]`, `_`, `__`, `___`): what `changed_names` leaves out."""
+    ids = {f"Out[{number}]": id(value) for number, value in shell.user_ns["Out"].items()}
+    ids.update({name: id(shell.user_ns[name]) for name in ("_", "__", "___") if name in shell.user_ns})
+    return ids
+
+
 def changed_names(before: dict[str, int], after: dict[str, int]) -> set[str]:
     """Names added, removed or rebound between two `namespace_ids`, less IPython's bookkeeping."""
     changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}

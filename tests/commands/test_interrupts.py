@@ -9,7 +9,7 @@ import sys
 import weakref
 
 import pytest
-from cells import ok, run
+from cells import changed_names, namespace_ids, ok, run
 from hypothesis import given
 from hypothesis import strategies as st
 from IPython.utils.capture import capture_output
@@ -89,11 +89,14 @@ def test_ctrl_c_before_the_release_changes_nothing(shell):
         "box = Box()\n",
     )
     before = dict(shell.user_ns)
+    names = namespace_ids(shell)
+    inside = weakref.ref(shell.user_ns["box"]._model)
     for cell in ("%llmfree first box.model", "%%llmload name\nfirst = 1\nbox.model = 2"):
         result, captured = run(shell, cell)
         assert isinstance(result.error_in_exec, KeyboardInterrupt)
         assert shell.user_ns["first"] is before["first"] and shell.user_ns["box"] is before["box"]
         assert "Released" not in captured.stdout
+        assert changed_names(names, namespace_ids(shell)) == set() and inside() is shell.user_ns["box"]._model
 
 
 def test_ctrl_c_during_llmload_release_stops_before_the_body(shell):

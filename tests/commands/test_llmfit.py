@@ -101,8 +101,9 @@ def test_chat_prompts_go_through_the_chat_template(loaded):
 
 
 def test_pandas_series_and_datasets_column(loaded):
-    pandas = pytest.importorskip("pandas")
-    datasets = pytest.importorskip("datasets")
+    import datasets
+    import pandas
+
     texts = ["w1 w2 w3", "w5 " * 7]
     loaded.user_ns["series"] = pandas.Series(texts)
     loaded.user_ns["ds"] = datasets.Dataset.from_dict({"text": texts})

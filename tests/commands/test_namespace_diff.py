@@ -57,7 +57,7 @@ def _checked(shell, cell, *, body_names=(), report=True):
 def test_only_reported_targets_change(shell, tiny_model):
     shell.user_ns["_test_path"] = tiny_model
     ok(shell, HOSTILE + PROXIES.replace("model_proxy = weakref.proxy(model)", "") + "import torch\nbystander = torch.ones(5)\nnumbers = [1, 2]")
-    body = LOAD + "box = {'m': model}\n"
+    body = LOAD + "box = {'m': model, 'note': 'kept'}\n"
     _checked(shell, f"%%llmload $_test_path -o\n{body}", body_names={"model", "box", "AutoModelForCausalLM", "MODEL_NAME"})
     run(shell, "model")  # Out, _N and _ hold it now
     run(shell, "def step(m):\n    raise RuntimeError('simulated OOM')\nstep(model)")
@@ -73,6 +73,7 @@ def test_only_reported_targets_change(shell, tiny_model):
     _checked(shell, "%llmfree --all --dry-run -o")
     _checked(shell, "%llmfree --hidden -o")
     _checked(shell, "%llmfree box['m'] -o")
+    assert shell.user_ns["box"] == {"note": "kept"}  # one key dropped, the rest of `box` untouched
     _checked(shell, "%llmfree bystander tokenizer -o")
     _checked(shell, "%llmfree --all -o")
     _checked(shell, "%llmfree --hidden -o")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import gc
 import pathlib
 import sys
+import weakref
 
 import pytest
-from cells import run_text
+from cells import changed_names, hidden_ids, namespace_ids, run_text
 from IPython.utils.capture import capture_output
 
 from llm_magic.commands.oom_errors import find_oom, parse_oom_message
@@ -106,6 +107,23 @@ def fail_in_step(shell, error_code: str, *, native: bool = False):
     result, output = run_text(shell, f"step({error_code})")
     gc.collect()
     return result, output, shell.user_ns["probe"][0]
+
+
+def test_oom_rescue_frees_only_the_failing_frames(bare_shell, rescue):
+    """The user's names and output history are left as they were: only the locals of the frames
+    that failed go (and with them the 50 MB tensor)."""
+    import torch
+
+    setup(bare_shell, FAILING_STEP)
+    bare_shell.user_ns.update(OOM_TEXT=OOM_TEXT, kept=torch.ones(1000))
+    run_text(bare_shell, "kept")  # Out[n] and `_` hold it too
+    kept = weakref.ref(bare_shell.user_ns["kept"])
+    before, hidden = namespace_ids(bare_shell), hidden_ids(bare_shell)
+    result, _ = run_text(bare_shell, "step(torch.OutOfMemoryError(OOM_TEXT))")
+    gc.collect()
+    assert bare_shell.user_ns["probe"][0]() is None and rescue.last_explanation is not None
+    assert changed_names(before, namespace_ids(bare_shell)) == set()
+    assert hidden_ids(bare_shell) == hidden and kept() is bare_shell.user_ns["kept"]
 
 
 def test_oom_frees_the_frames_tensor_and_explains_below_the_traceback(bare_shell, rescue):
