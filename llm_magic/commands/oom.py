@@ -34,8 +34,9 @@ from llm_magic.commands.oom_errors import (
 )
 from llm_magic.engine.holders import HIDDEN, NAMED, UNNAMED, HolderRow, scan_holders
 from llm_magic.engine.release import HiddenRef, Target, release
+from llm_magic.engine.shapes import instance_dict
 from llm_magic.engine.tensors import Footprint, find_tensor_holders, loaded_torch
-from llm_magic.engine.walk import WalkStats, instance_dict
+from llm_magic.engine.walk import WalkStats
 from llm_magic.ipython.shell_state import (
     clear_traceback_frames,
     failing_tracebacks,
@@ -156,7 +157,7 @@ class OOMExplanation:
     free_note: str | None  # why free_bytes_now is unknown
     released: FrameRelease
     holders: tuple[HolderRow, ...]  # biggest first (on the failing device, then in total)
-    holders_truncated: bool  # the holder walk ran out of budget: some may be missing
+    holders_cut: tuple[str, ...]  # roots whose holder walk ran out of budget: holders inside may be missing
     headroom: tuple[Headroom, ...]  # KV cache room of the loaded language models
     advice: tuple[str, ...]
 
@@ -169,7 +170,7 @@ class OOMExplanation:
             "free_note": self.free_note,
             "released": self.released.to_dict(),
             "holders": [row.to_dict() for row in self.holders],
-            "holders_truncated": self.holders_truncated,
+            "holders_cut": list(self.holders_cut),
             "headroom": [item.to_dict() for item in self.headroom],
             "advice": list(self.advice),
         }
@@ -238,7 +239,7 @@ def rescue(shell, error: BaseException) -> OOMExplanation:
         free_note=free_note,
         released=released,
         holders=holders,
-        holders_truncated=scan.truncated,
+        holders_cut=scan.cut,
         headroom=headroom,
         advice=advise(message, holders, headroom, device),
     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_magic.compat import CompatError, Symbol, resolve
-from llm_magic.engine.walk import instance_dict
+from llm_magic.engine.shapes import instance_dict
 
 FILE_SIZE = Symbol("accelerate", "accelerate.utils", "convert_file_size_to_int",
                    "sizes written as strings in a user's max_memory")

@@ -29,7 +29,6 @@ from llm_magic.engine.shapes import (
     TUPLE,
     Layout,
     instance_dict,
-    layout,
     real_dict,
     safe_repr_key,
     slot_values,
@@ -165,13 +164,3 @@ def _attribute_items(obj: Any) -> Iterator[tuple[str, Any]]:
             yield step, value
     for name, value in slot_values(obj):
         yield f".{name}", value
-
-
-def children(obj: Any) -> Iterator[tuple[str, Any]]:
-    """Yield (path step, child) for what `obj` holds: `.attr`, `[0]`, `['key']`.
-
-    Steps are written so that `name + step` is an expression the user can type, where one
-    exists (set members, dict keys that are objects and closure cells get a note).
-    """
-    found, _, _ = expand(obj, layout(type(obj)), None)
-    yield from found

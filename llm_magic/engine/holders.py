@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from llm_magic.engine.release import HiddenRef
+from llm_magic.engine.shapes import type_name
 from llm_magic.engine.tensors import (
     Footprint,
     is_module,
@@ -25,7 +26,6 @@ from llm_magic.engine.walk import (
     TOTAL_BUDGET,
     WalkStats,
     paused_gc,
-    type_name,
     walk_leaves,
 )
 
@@ -83,8 +83,11 @@ class HolderScan:
     rows: tuple[HolderRow, ...]
     explained_by_device: dict[str, int]  # union of all holders' storages
     orphans_searched: bool
-    truncated: bool  # a walk's budget ran out: some holders may be missing
-    cut: tuple[str, ...] = ()  # the roots whose walk was cut ("big_list", "Out[3]")
+    cut: tuple[str, ...] = ()  # the roots whose walk was cut ("big_list", "Out[3]"): holders inside may be missing
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.cut)
 
     def to_dict(self) -> dict:
         return {
@@ -196,7 +199,7 @@ def _scan(visible, hidden, find_orphans, named_models, budget, exclude) -> Holde
     explained = Footprint()
     for *_, footprint in found:
         explained.merge(footprint)
-    return HolderScan(rows, explained.by_device(), find_orphans, stats.truncated, tuple(stats.cut))
+    return HolderScan(rows, explained.by_device(), find_orphans, tuple(stats.cut))
 
 
 def _rows(found: list[tuple[str, str, Any, Footprint]], also_held: dict[int, list[str]]) -> tuple[HolderRow, ...]:

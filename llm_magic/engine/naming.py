@@ -8,6 +8,7 @@ import re
 import types
 from typing import Any, Iterable, Sequence
 
+from llm_magic.engine.shapes import type_name
 from llm_magic.engine.tensors import is_module, is_tensor, module_tensors
 from llm_magic.engine.walk import (
     SEARCH_EVERYTHING,
@@ -15,7 +16,6 @@ from llm_magic.engine.walk import (
     cut_names,
     find_paths,
     paused_gc,
-    type_name,
 )
 
 _INDEX = re.compile(r"\[\d+\]")

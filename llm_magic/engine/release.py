@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from llm_magic.engine.naming import name_holders, summarise
+from llm_magic.engine.shapes import type_name
 from llm_magic.engine.tensors import (
     Footprint,
     find_tensor_holders,
@@ -28,7 +29,7 @@ from llm_magic.engine.tensors import (
     loaded_torch,
     tensors_of,
 )
-from llm_magic.engine.walk import find_paths, paused_gc, type_name
+from llm_magic.engine.walk import find_paths, paused_gc
 
 
 @dataclass(frozen=True)

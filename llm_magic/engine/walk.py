@@ -21,17 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from llm_magic.engine.contents import children, expand  # noqa: F401 - public here too
-from llm_magic.engine.shapes import (  # noqa: F401 - the walk's public names live here too
+from llm_magic.engine.contents import expand
+from llm_magic.engine.shapes import (
     ATOM,
     ATOMIC_TYPES,
     OPAQUE,
-    OPAQUE_TYPES,
-    instance_dict,
     layout,
-    safe_repr_key,
-    slot_values,
-    type_name,
 )
 
 # Items read per root (every reference looked at, atomic values included). A namespace of
@@ -60,14 +55,16 @@ def paused_gc() -> Iterator[None]:
 
 @dataclass
 class WalkStats:
-    visited: int = 0  # objects visited
     read: int = 0  # references read (the budget's unit)
-    truncated: bool = False  # some budget ran out before the graph did
     seen: set[int] = field(default_factory=set)
     cut: list[str] = field(default_factory=list)  # roots whose walk stopped at a budget
 
+    @property
+    def truncated(self) -> bool:
+        """Did some budget run out before the graph did?"""
+        return bool(self.cut)
+
     def note_cut(self, label: str) -> None:
-        self.truncated = True
         if label not in self.cut:
             self.cut.append(label)
 
@@ -103,45 +100,40 @@ def _walk(
     spent = [0] * len(labels)
     cut = [False] * len(labels)
     verdicts: dict[int, tuple[bool, Any, bool]] = {}  # per type id: (leaf, layout, walkable)
-    visited = 0
-    try:
-        while queue:
-            root, path, obj = queue.popleft()
-            visited += 1
-            kind = type(obj)
-            verdict = verdicts.get(id(kind))
-            if verdict is None:
-                found_layout = layout(kind)
-                verdict = verdicts[id(kind)] = (bool(leaf(obj)), found_layout, found_layout.shape not in (ATOM, OPAQUE))
-            is_leaf, shape, walkable = verdict
-            if is_leaf:
-                yield labels[root], path, obj
-                continue
-            if not walkable:
-                continue
-            room = None if budget is None else budget - spent[root]
-            if total is not None and (room is None or total - stats.read < room):
-                room = total - stats.read
-            if room is not None and room <= 0:
-                if not cut[root]:
-                    cut[root] = True
-                    stats.note_cut(labels[root])
-                continue
-            items, read, complete = expand(obj, shape, room)
-            spent[root] += read
-            stats.read += read
-            if not complete and not cut[root]:
+    while queue:
+        root, path, obj = queue.popleft()
+        kind = type(obj)
+        verdict = verdicts.get(id(kind))
+        if verdict is None:
+            found_layout = layout(kind)
+            verdict = verdicts[id(kind)] = (bool(leaf(obj)), found_layout, found_layout.shape not in (ATOM, OPAQUE))
+        is_leaf, shape, walkable = verdict
+        if is_leaf:
+            yield labels[root], path, obj
+            continue
+        if not walkable:
+            continue
+        room = None if budget is None else budget - spent[root]
+        if total is not None and (room is None or total - stats.read < room):
+            room = total - stats.read
+        if room is not None and room <= 0:
+            if not cut[root]:
                 cut[root] = True
                 stats.note_cut(labels[root])
-            for step, child in items:
-                child_key = id(child)
-                if wanted is not None and child_key in wanted:
-                    found.setdefault(child_key, []).append(path + step)
-                if child_key not in seen:
-                    seen.add(child_key)
-                    queue.append((root, path + step, child))
-    finally:
-        stats.visited += visited
+            continue
+        items, read, complete = expand(obj, shape, room)
+        spent[root] += read
+        stats.read += read
+        if not complete and not cut[root]:
+            cut[root] = True
+            stats.note_cut(labels[root])
+        for step, child in items:
+            child_key = id(child)
+            if wanted is not None and child_key in wanted:
+                found.setdefault(child_key, []).append(path + step)
+            if child_key not in seen:
+                seen.add(child_key)
+                queue.append((root, path + step, child))
 
 
 def cut_names(cut: Iterable[str], limit: int = 3) -> str:

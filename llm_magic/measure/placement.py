@@ -33,8 +33,8 @@ from llm_magic.compat.accelerate import (
     module_hooks,
     offload_weights_map,
 )
+from llm_magic.engine.shapes import instance_dict
 from llm_magic.engine.tensors import is_module, module_tensors, tensor_storage
-from llm_magic.engine.walk import instance_dict
 from llm_magic.names import dtype_name, is_accelerator, sort_devices
 from llm_magic.units import format_bytes
 

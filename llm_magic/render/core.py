@@ -17,6 +17,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from llm_magic.engine.walk import SEARCH_EVERYTHING, cut_names
+
 # The report's colours, by meaning. The terminal shows these colours (explicit ones: rich's
 # named "red" is #800000, unreadable on a dark background); the HTML renderer (render/html.py)
 # maps each back to its meaning, a CSS class coloured from the notebook's own theme.
@@ -68,6 +70,11 @@ def stack(parts: Iterable[Any]) -> Group:
             part.caption = None
             stacked.append(caption if isinstance(caption, Text) else Clauses(str(caption), style=DIM))
     return Group(*stacked)
+
+
+def cut_note(cut, inside: str = "holders") -> str:
+    """The sentence for walks cut at their budget: which roots, and how to see everything."""
+    return f"the search stopped early in {cut_names(cut)} (too many objects): {inside} inside may be missing — {SEARCH_EVERYTHING}"
 
 
 def _flattened(parts: Iterable[Any]) -> Iterator[Any]:

@@ -8,13 +8,13 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from llm_magic.engine.walk import SEARCH_EVERYTHING, cut_names
 from llm_magic.render.core import (
     DIM,
     HEADING,
     HIDDEN_STYLE,
     UNNAMED_STYLE,
     WARN,
+    cut_note,
     new_table,
     stack,
     warnings_panel,
@@ -46,7 +46,7 @@ _KIND_STYLE = {"named": None, "hidden": HIDDEN_STYLE, "unnamed": UNNAMED_STYLE}
 def _holders_table(state) -> Table | Group | Text:
     rows = state.shown_holders()
     hidden_count = len(state.holders.rows) - len(rows)
-    cut = _cut_note(state.holders.cut)
+    cut = cut_note(state.holders.cut) if state.holders.cut else ""
     if not rows:
         text = "Holders: no tensors are held by this process's Python objects"
         if hidden_count:
@@ -76,13 +76,6 @@ def _holders_table(state) -> Table | Group | Text:
         table.caption_justify = "left"
     # A line of its own, not the caption: the table is narrow and would wrap it.
     return Group(table, Text(cut, style=WARN)) if cut else table
-
-
-def _cut_note(cut) -> str:
-    """Which names the search stopped early in, and how to see everything."""
-    if not cut:
-        return ""
-    return f"the search stopped early in {cut_names(cut)} (too many objects): holders inside may be missing — {SEARCH_EVERYTHING}"
 
 
 def _reconciliation_lines(state) -> Text:

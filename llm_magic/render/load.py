@@ -8,13 +8,13 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from llm_magic.engine.walk import SEARCH_EVERYTHING, cut_names
 from llm_magic.names import device_sort_key
 from llm_magic.render.core import (
     DIM,
     HEADING,
     WARN,
     Clauses,
+    cut_note,
     new_table,
     stack,
     warnings_panel,
@@ -58,19 +58,15 @@ def kept_table(kept: Iterable) -> Table | Group | Text | None:
     cut = getattr(kept, "cut", ())
     kept = list(kept)
     # A line of its own, not the caption: the table is narrow and would wrap it.
-    cut_note = Text(
-        f"Still loaded: the search stopped early in {cut_names(cut)} (too many objects): "
-        f"models inside may be missing — {SEARCH_EVERYTHING}",
-        style=WARN,
-    ) if cut else None
+    note = Text(f"Still loaded: {cut_note(cut, 'models')}", style=WARN) if cut else None
     if not kept:
-        return cut_note
+        return note
     table = new_table("Still loaded (kept: not replaced by this cell)", ("name", "left"), ("type", "left"), ("memory", "right"))
     for holder in kept:
         table.add_row(holder.path, holder.type_name.rsplit(".", 1)[-1], format_by_device(holder.bytes_by_device))
     table.caption = "free them with %llmfree NAME ..., or reload with %%llmload --release-all"
     table.caption_justify = "left"
-    return Group(table, cut_note) if cut else table
+    return Group(table, note) if cut else table
 
 
 def prediction_table(item) -> Table | Text:

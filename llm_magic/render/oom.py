@@ -57,14 +57,14 @@ def _headroom_line(headroom: Headroom) -> str:
 
 
 def _holders_table(explanation: OOMExplanation):
-    from llm_magic.render.core import HIDDEN_STYLE, UNNAMED_STYLE, new_table
+    from llm_magic.render.core import HIDDEN_STYLE, UNNAMED_STYLE, cut_note, new_table
 
     style = {HIDDEN: HIDDEN_STYLE, UNNAMED: UNNAMED_STYLE}
     table = new_table("What holds memory now", ("holder", "left"), ("kind", "left"), ("type", "left"), ("memory", "right"))
     for row in explanation.holders:
         table.add_row(row.path, row.kind, row.type_name, format_by_device(row.bytes_by_device), style=style.get(row.kind))
-    if explanation.holders_truncated:
-        table.caption = "the search ran out of budget: some holders may be missing"
+    if explanation.holders_cut:
+        table.caption = cut_note(explanation.holders_cut)
         table.caption_justify = "left"
     return table
 
