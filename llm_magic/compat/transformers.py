@@ -40,6 +40,8 @@ AUTO_BASE = _symbol(_AUTO, "_BaseAutoModelClass", "tell an Auto class from a mod
 GET_MODEL_CLASS = _symbol(_AUTO, "_get_model_class", "the concrete class an Auto class builds")
 REMOTE_CLASS = _symbol("transformers.dynamic_module_utils", "get_class_from_dynamic_module",
                        "the class of a trust_remote_code checkpoint")
+FROM_CONFIG = _symbol("transformers.modeling_utils", "PreTrainedModel._from_config",
+                      "build a model from a config with a chosen attention implementation")
 INIT_CONTEXT = _symbol("transformers.modeling_utils", "PreTrainedModel.get_init_context",
                        "the contexts from_pretrained builds the model in")
 SET_DEFAULT_DTYPE = _symbol("transformers.modeling_utils", "PreTrainedModel._set_default_dtype",
@@ -61,9 +63,9 @@ WEIGHT_CONVERTER = _symbol("transformers.core_model_loading", "WeightConverter",
 def private_symbols() -> tuple[Symbol, ...]:
     """The symbols reached by name with the installed version."""
     if major() >= 5:
-        return (AUTO_BASE, GET_MODEL_CLASS, REMOTE_CLASS, INIT_CONTEXT, GET_QUANTIZER, DEVICE_MAP_V5,
+        return (AUTO_BASE, GET_MODEL_CLASS, REMOTE_CLASS, FROM_CONFIG, INIT_CONTEXT, GET_QUANTIZER, DEVICE_MAP_V5,
                 MODULE_SIZES_V5, DTYPE_PLAN, GLOB_ALTERNATION, CONVERSIONS, WEIGHT_CONVERTER)
-    return (AUTO_BASE, GET_MODEL_CLASS, REMOTE_CLASS, INIT_CONTEXT, SET_DEFAULT_DTYPE, GET_QUANTIZER,
+    return (AUTO_BASE, GET_MODEL_CLASS, REMOTE_CLASS, FROM_CONFIG, INIT_CONTEXT, SET_DEFAULT_DTYPE, GET_QUANTIZER,
             DEVICE_MAP_V4)
 
 
@@ -319,3 +321,24 @@ def mla_caches_latent(model_type: str) -> bool | None:
         isinstance(value, type) and callable(getattr(value, "expand_kv", None))
         for value in vars(module).values()
     )
+
+
+# --------------------------------------------------------------------------- building models
+
+
+def build_with_attention(model_class: type, config: Any, attention: str) -> Any:
+    """`model_class` built from `config` with the attention implementation `attention`
+    (`PreTrainedModel._from_config`, 4.57 and 5.x). Without it: the public constructor, whose
+    attention implementation is then the config's."""
+    try:
+        builder = class_method(FROM_CONFIG, model_class)
+    except CompatError:
+        return model_class(config)
+    return call_function(builder, FROM_CONFIG.path, config=config, attn_implementation=attention)
+
+
+def attention_implementation(config: Any) -> str | None:
+    """The attention implementation a loaded model's config records (`config._attn_implementation`,
+    private in 4.57 and 5.x), None when it records none."""
+    value = getattr(config, "_attn_implementation", None)
+    return value if isinstance(value, str) else None

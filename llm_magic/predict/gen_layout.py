@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm_magic.compat import transformers as tf
 from llm_magic.compat.accelerate import (
     find_offloaded,
     loads_submodules,
@@ -194,7 +195,7 @@ def _layout(model, layers, path, devices, streamed, main, head, weights, other) 
     config = model.config
     notes: list[str] = []
     kinds, picks, shapes = _kinds(model, layers)
-    attention_model = getattr(config, "_attn_implementation", None) or "sdpa"
+    attention_model = tf.attention_implementation(config) or "sdpa"
     attention = attention_model if attention_model in SIMULATED_ATTENTION else "sdpa"
     if attention != attention_model:
         notes.append(f"{attention_model} simulated as sdpa (the same memory: no score matrix)")

@@ -17,23 +17,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from llm_magic.compat import transformers as tf
 from llm_magic.measure.layer_types import text_config
 from llm_magic.predict import gen_fake
 from llm_magic.predict.gen_layout import GenLayout, layer_shapes
 from llm_magic.predict.gen_trace import StepTrace, run_generate
-
-
-def _construct(model_class: type, config: Any, attention: str):
-    # compat: `PreTrainedModel._from_config` (private) is how transformers builds a model from a
-    # config with a chosen attention implementation, in 4.57 and 5.x; the public constructor
-    # is the fallback (its attention implementation is then the config's).
-    builder = getattr(model_class, "_from_config", None)
-    if callable(builder):
-        try:
-            return builder(config, attn_implementation=attention)
-        except TypeError:
-            pass
-    return model_class(config)
 
 
 def _cut_config(config: Any, picks: tuple[int, ...]) -> Any:
@@ -56,7 +44,7 @@ def _on_meta(layout: GenLayout, config: Any):
         if layout.dtype is not None and layout.dtype.is_floating_point:
             torch.set_default_dtype(layout.dtype)
         with torch.device("meta"):
-            return _construct(layout.model_class, config, layout.attention)
+            return tf.build_with_attention(layout.model_class, config, layout.attention)
     finally:
         torch.set_default_dtype(previous)
 

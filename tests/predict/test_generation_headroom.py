@@ -117,7 +117,7 @@ def test_a_model_the_simulation_cannot_run_gets_unknown_not_an_error(shell, tiny
     def broken(*args, **kwargs):
         raise RuntimeError("no fake kernel for this operator")
 
-    monkeypatch.setattr(gen_replica, "_construct", broken)
+    monkeypatch.setattr(gen_replica.tf, "build_with_attention", broken)
     monkeypatch.setattr(generation, "_RECENT", OrderedDict())  # no simulation kept from earlier tests
     shell.user_ns["_path"] = tiny_model
     shell.run_cell("from transformers import AutoModelForCausalLM")
