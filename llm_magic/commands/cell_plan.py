@@ -36,11 +36,6 @@ class CellPlan:
     reads: Reads  # every load of the body, to ask about names other than the targets
 
     @property
-    def model_calls(self) -> tuple:
-        """The loads of models (what the pre-flight predicts)."""
-        return tuple(call for call in self.load_calls if call.is_model)
-
-    @property
     def replaced(self) -> tuple[TargetPath, ...]:
         """The targets whose current values the cell replaces without reading them."""
         return tuple(path for path in self.targets if path not in self.read_first)

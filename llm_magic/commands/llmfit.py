@@ -83,9 +83,7 @@ class FitReport:
         return tuple(item for item in self.items if not item.fits)
 
     def __str__(self) -> str:
-        from llm_magic.render.fit import fit_text
-
-        return fit_text(self)
+        return self._repr_mimebundle_(include={"text/plain"})["text/plain"]  # what a terminal shows
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         from llm_magic.render.core import mimebundle

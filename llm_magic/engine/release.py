@@ -231,7 +231,7 @@ def _release(targets, hidden, naming_roots, also_clear, dry_run) -> ReleaseResul
         # the one full collection (a quarter second in a big notebook) only when something
         # the weak references watch is still there: cycles (accelerate's hooks, a model that
         # refers to itself) need it.
-        if any(_survivors(plans)):
+        if any(probe() is not None for plan in plans for probe in plan.probes):
             gc.collect()
         survivors = _survivors(plans)
         freed = Footprint()

@@ -26,6 +26,8 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable
 
+from llm_magic.engine.tensors import is_fake
+
 # Results of real operators up to this many elements are computed for real (masks of B x T
 # booleans and their indices); anything larger stays fake.
 SMALL_REAL_NUMEL = 1 << 20
@@ -185,9 +187,9 @@ def _small_real_ops_class() -> type:
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             tensors = _tensors((args, kwargs))
-            if any(_is_fake(t) or t.device.type == "meta" for t in tensors):
+            if any(is_fake(t) or t.device.type == "meta" for t in tensors):
                 result = func(*args, **kwargs)
-                if func in picks and _is_fake(result):  # argmax/multinomial of fake logits
+                if func in picks and is_fake(result):  # argmax/multinomial of fake logits
                     with _real():
                         return torch.full(tuple(result.shape), self.token, dtype=result.dtype)
                 return result
@@ -243,14 +245,6 @@ def _real():
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     return unset_fake_temporarily()
-
-
-def _is_fake(tensor: Any) -> bool:
-    if "fake" not in _CLASSES:
-        from torch._subclasses.fake_tensor import FakeTensor
-
-        _CLASSES["fake"] = FakeTensor
-    return isinstance(tensor, _CLASSES["fake"])
 
 
 def fake_like(tensor: Any, dtype: Any = None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from llm_magic.names import dtype_name
 from llm_magic.predict.gen_layout import (
     GenLayout,
     is_generative_decoder,
@@ -25,6 +26,7 @@ from llm_magic.predict.generation import (
     Peaks,
     PromptLimit,
     missing_bytes,
+    why,
 )
 from llm_magic.units import format_bytes
 
@@ -122,7 +124,7 @@ def fit_line_for_meta_model(meta_model: Any, name: str, device_map: dict[str, An
         layout = layout_of_meta(meta_model, device_map)
         predictor = GenerationPredictor(layout)
     except Exception as error:  # noqa: BLE001 - never an exception out of a dry run
-        return _unknown(name, batch, new_tokens, f"{type(error).__name__}: {error}"[:200])
+        return _unknown(name, batch, new_tokens, why(error))
     notes: list[str] = []
     capacity = {device: free_bytes[device] - weights_by_device.get(device, 0)
                 for device in layout.devices if free_bytes.get(device) is not None}
@@ -155,11 +157,11 @@ def _line(predictor: GenerationPredictor, name: str, batch: int, new_tokens: int
     if whole:
         summary = f"fits: the full {context:,}-token context at batch {batch}" + _room(worst, capacity)
         return GenerationHeadroom(name, batch, new, context, context - new, True, None, worst, capacity, summary,
-                                  layout.attention_model, _dtype(layout), tuple(dict.fromkeys(notes)))
+                                  layout.attention_model, _dtype_name(layout), tuple(dict.fromkeys(notes)))
     device = limit.binding_device or _binding(worst or {}, capacity)
     summary = _summary(limit, context, batch, device)
     return GenerationHeadroom(name, batch, new, context, limit.max_prompt_tokens, False, device,
-                              limit.peak_bytes, capacity, summary, layout.attention_model, _dtype(layout),
+                              limit.peak_bytes, capacity, summary, layout.attention_model, _dtype_name(layout),
                               tuple(dict.fromkeys(notes)))
 
 
@@ -214,11 +216,11 @@ def failed_input_line(model: Any, name: str, snapshot: Any, *, batch: int, promp
     summary += f"; prompts up to {limit.max_prompt_tokens:,} tokens fit" if limit.max_prompt_tokens else ""
     return GenerationHeadroom(name, batch, new_tokens, predictor.context_window, limit.max_prompt_tokens,
                               None, limit.binding_device, peaks, capacity, summary,
-                              predictor.layout.attention_model, _dtype(predictor.layout), tuple(notes))
+                              predictor.layout.attention_model, _dtype_name(predictor.layout), tuple(notes))
 
 
-def _dtype(layout: GenLayout) -> str | None:
-    return None if layout.dtype is None else str(layout.dtype).removeprefix("torch.")
+def _dtype_name(layout: GenLayout) -> str | None:
+    return None if layout.dtype is None else dtype_name(layout.dtype)
 
 
 def _unknown(name: str, batch: int, new_tokens: int, why: str, attention: str | None = None) -> GenerationHeadroom:

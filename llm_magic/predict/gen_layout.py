@@ -34,7 +34,12 @@ from llm_magic.measure.model_devices import (
     model_device,
     model_dtype,
 )
-from llm_magic.names import dtype_name, normalize_device
+from llm_magic.names import (
+    dtype_name,
+    is_accelerator,
+    normalize_device,
+    normalize_device_map,
+)
 from llm_magic.predict.checkpoint import SAFETENSORS_TO_TORCH, read_safetensors_header
 
 # Attention implementations simulated as they are; the others run as sdpa, whose memory (output
@@ -156,8 +161,8 @@ def layout_of_meta(model: Any, device_map: dict[str, Any] | None) -> GenLayout:
     disk run on the first accelerator, their weights streamed in; without one, everything runs on
     the cpu.
     """
-    device_map = {name: normalize_device(device) for name, device in (device_map or {"": "cpu"}).items()}
-    accelerators = [d for d in device_map.values() if d not in ("cpu", "disk", "meta")]
+    device_map = normalize_device_map(device_map or {"": "cpu"})
+    accelerators = [device for device in device_map.values() if is_accelerator(device)]
     main_accelerator = accelerators[0] if accelerators else None
 
     def placed(name: str) -> str:

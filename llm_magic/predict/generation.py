@@ -21,10 +21,7 @@ from typing import Any
 
 from llm_magic.predict.gen_layout import GenLayout, layout_of_loaded, layout_signature
 from llm_magic.predict.gen_replica import Simulator
-from llm_magic.predict.gen_search import PeakCurve, largest_fitting
-
-Peaks = dict  # device -> bytes
-
+from llm_magic.predict.gen_search import PeakCurve, Peaks, largest_fitting
 
 _KEEP = 4  # predictors kept for reloads of the same model, most recent last
 _RECENT: "OrderedDict[tuple, GenerationPredictor]" = OrderedDict()
@@ -100,7 +97,7 @@ class GenerationPredictor:
             key = layout_signature(layout)
             predictor = _RECENT.pop(key, None) or cls(layout)
         except Exception as error:  # noqa: BLE001 - any modeling code can fail on fake tensors
-            raise GenerationUnknown(_why(error)) from error
+            raise GenerationUnknown(why(error)) from error
         _RECENT[key] = predictor
         while len(_RECENT) > _KEEP:
             _RECENT.popitem(last=False)
@@ -171,7 +168,7 @@ class GenerationPredictor:
         except GenerationUnknown:
             raise
         except Exception as error:  # noqa: BLE001 - modeling code on fake tensors: say why, never raise raw
-            raise GenerationUnknown(_why(error)) from error
+            raise GenerationUnknown(why(error)) from error
 
 
 
@@ -228,6 +225,7 @@ def _margin(capacity: Peaks) -> int:
     return max(known) // 50 if known else 0
 
 
-def _why(error: BaseException) -> str:
+def why(error: BaseException) -> str:
+    """One short line for an error of the simulation: "RuntimeError: no fake kernel ..."."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}"[:200] if text else type(error).__name__

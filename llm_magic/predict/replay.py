@@ -25,8 +25,7 @@ from llm_magic.predict.result import Draft, Unknown
 class Replayed:
     """The model `from_pretrained` would build, on the meta device, and what it was built from."""
 
-    model: Any  # on the meta device
-    model_class: type
+    model: Any  # on the meta device (its class: what the Auto class resolved to)
     dtype: Any  # torch dtype the weights load in
     keep_regex: Any  # 4.57's keep-in-fp32 pattern, or None
     hf_quantizer: Any  # None without quantization
@@ -57,7 +56,7 @@ def replay(request: Request, version: tuple[int, int], draft: Draft) -> tuple[Re
     except Exception as exc:  # noqa: BLE001
         raise Unknown(f"cannot build {model_class.__name__} on the meta device: {exc}", draft) from None
     pre_quantized = getattr(config, "quantization_config", None) is not None
-    return Replayed(model, model_class, dtype, keep_regex, hf_quantizer, device_map, checkpoint,
+    return Replayed(model, dtype, keep_regex, hf_quantizer, device_map, checkpoint,
                     pre_quantized), draft
 
 

@@ -85,13 +85,3 @@ def render_fit(report) -> Any:
     parts += [Text(f"note: {note}", style=DIM) for note in report.notes]
     parts.append(Text(f"{report.simulations} fake generate runs, {report.seconds:.2f} s, no real memory", style=DIM))
     return stack(parts)
-
-
-def fit_text(report) -> str:
-    """The report as plain text (str(report))."""
-    lines = summary_lines(report)
-    for device, weights, capacity, worst in _device_rows(report):
-        lines.append(f"  {device}: weights {weights}, capacity {capacity}" + (f", worst batch peak {worst}" if worst else ""))
-    for index, tokens, padded, device, missing in _item_rows(report):
-        lines.append(f"  item {index}: {tokens} tokens (padded to {padded}): {missing} more on {device}")
-    return "\n".join(lines)
