@@ -38,7 +38,9 @@ def replay(request: Request, version: tuple[int, int], draft: Draft) -> tuple[Re
     """Build the model the call would build, on meta; Unknown when an input cannot be known here."""
     config = _config(request, draft)
     checkpoint, draft = _checkpoint(request, draft)
-    hf_quantizer, config, device_map, draft = _quantizer(request, config, draft)
+    # Read before concrete_class may swap in a sub-config (a text config carries no quantization_config).
+    pre_quantized = getattr(config, "quantization_config", None) is not None
+    hf_quantizer, config, device_map, draft = _quantizer(request, config, pre_quantized, draft)
     try:
         model_class, config = tf.concrete_class(request.cls, config, request.model_id,
                                                 request.trust_remote_code, dict(request.where))
@@ -55,7 +57,6 @@ def replay(request: Request, version: tuple[int, int], draft: Draft) -> tuple[Re
         raise
     except Exception as exc:  # noqa: BLE001
         raise Unknown(f"cannot build {model_class.__name__} on the meta device: {exc}", draft) from None
-    pre_quantized = getattr(config, "quantization_config", None) is not None
     return Replayed(model, dtype, keep_regex, hf_quantizer, device_map, checkpoint,
                     pre_quantized), draft
 
@@ -101,10 +102,9 @@ def _checkpoint(request: Request, draft: Draft) -> tuple[Checkpoint | None, Draf
     return checkpoint, draft
 
 
-def _quantizer(request: Request, config, draft: Draft):
+def _quantizer(request: Request, config, pre_quantized: bool, draft: Draft):
     """(hf_quantizer, config, device_map, draft) through the loader's own helper, which also checks
     that this machine can run the quantization."""
-    pre_quantized = getattr(config, "quantization_config", None) is not None
     if not pre_quantized and request.quantization_config is None:
         return None, config, request.device_map, draft
     try:
