@@ -143,7 +143,7 @@ class Watch:
         tensor_dropped = dropped_but_alive(before.tensors, bindings.tensors)
         del models, appeared
 
-        error = shell_state.last_exception(self.shell, result)
+        error = shell_state.last_exception(result)
         new_hidden = self._new_outputs_hold_tensors() or self._new_error_holds_tensors(error)
         if (model_dropped or tensor_dropped or new_hidden) and self._may_hold_stale_memory(torch):
             # The gc scan for unnamed copies costs most (it collects garbage first): it runs
@@ -187,7 +187,7 @@ class Watch:
 
     def _remember_hidden_state(self, result) -> None:
         self._outputs = shell_state.output_signature(self.shell)
-        error = shell_state.last_exception(self.shell, result)
+        error = shell_state.last_exception(result)
         try:
             self._exception = weakref.ref(error) if error is not None else None
         except TypeError:

@@ -49,10 +49,11 @@ def user_frames_and_raiser(error: BaseException) -> BaseException:
     return error.with_traceback(rebuilt)
 
 
-def exception_chain(error: BaseException | None) -> list[BaseException]:
-    """The error, then its causes and contexts (an OOM re-raised as another error counts)."""
+def exception_chain(*errors: BaseException | None) -> list[BaseException]:
+    """The errors, then their causes and contexts (an OOM re-raised as another error counts),
+    each once; what is not an exception (None) is skipped."""
     chain: list[BaseException] = []
-    pending = [error]
+    pending = list(errors)
     while pending:
         exc = pending.pop(0)
         if isinstance(exc, BaseException) and all(exc is not seen for seen in chain):

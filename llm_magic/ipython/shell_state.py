@@ -124,25 +124,27 @@ def _last_result_ref(shell) -> Iterator[HiddenRef]:
 
 def _exceptions(shell) -> list[BaseException]:
     """The last exception(s) the shell or sys keep, with their causes and contexts."""
-    found: list[BaseException] = []
     candidates = [getattr(sys, "last_value", None), getattr(sys, "last_exc", None)]
     result = getattr(shell, "last_execution_result", None)
     if result is not None:
         candidates += [result.error_in_exec, result.error_before_exec]
-    while candidates:
-        exc = candidates.pop()
-        if isinstance(exc, BaseException) and not any(exc is seen for seen in found):
-            found.append(exc)
-            candidates += [exc.__cause__, exc.__context__]
-    return found
+    return exception_chain(*candidates)
 
 
 def _tracebacks(shell) -> list[types.TracebackType]:
     tbs = [exc.__traceback__ for exc in _exceptions(shell)]
-    tbs += [getattr(sys, "last_traceback", None), getattr(getattr(shell, "InteractiveTB", None), "tb", None)]
+    return _distinct(tbs + [getattr(sys, "last_traceback", None), _interactive_tb(shell)])
+
+
+def _interactive_tb(shell) -> types.TracebackType | None:
+    return getattr(getattr(shell, "InteractiveTB", None), "tb", None)
+
+
+def _distinct(tbs) -> list[types.TracebackType]:
+    """The tracebacks among `tbs`, each once, in order."""
     unique: list[types.TracebackType] = []
     for tb in tbs:
-        if isinstance(tb, types.TracebackType) and not any(tb is seen for seen in unique):
+        if isinstance(tb, types.TracebackType) and all(tb is not seen for seen in unique):
             unique.append(tb)
     return unique
 
@@ -275,7 +277,7 @@ def outputs_since(shell, signature: tuple) -> list[Any]:
     return found
 
 
-def last_exception(shell, result: Any = None) -> BaseException | None:
+def last_exception(result: Any = None) -> BaseException | None:
     """The exception of the cell that just ran (`result`), else the one sys keeps."""
     error = getattr(result, "error_in_exec", None)
     return error if error is not None else getattr(sys, "last_value", None)
@@ -288,9 +290,4 @@ def failing_tracebacks(shell, error: BaseException) -> list[types.TracebackType]
     found = [exc.__traceback__ for exc in chain]
     if any(getattr(sys, "last_value", None) is exc for exc in chain):
         found.append(getattr(sys, "last_traceback", None))
-    found.append(getattr(getattr(shell, "InteractiveTB", None), "tb", None))
-    unique: list[types.TracebackType] = []
-    for tb in found:
-        if isinstance(tb, types.TracebackType) and all(tb is not seen for seen in unique):
-            unique.append(tb)
-    return unique
+    return _distinct(found + [_interactive_tb(shell)])

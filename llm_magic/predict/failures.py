@@ -13,6 +13,7 @@ import os
 import re
 from typing import Callable
 
+from llm_magic.engine.exceptions import exception_chain
 from llm_magic.predict.sources import check_source, hub_offline, no_repo, no_such_path
 
 _WEIGHT_FILE = re.compile(r"(no file named|does not appear to have a file named) (pytorch_model\.bin|model\.safetensors)")
@@ -23,29 +24,21 @@ def explain_load_failure(exc: BaseException, model_id: str | None) -> str | None
     offline", ...) for a `from_pretrained` that raised `exc`; None when it cannot say."""
     try:
         name = os.fspath(model_id) if isinstance(model_id, (str, os.PathLike)) else None
-        links = [({cls.__name__ for cls in type(link).__mro__}, str(link)) for link in _chain(exc)]
+        links = [({cls.__name__ for cls in type(link).__mro__}, str(link)) for link in exception_chain(exc)]
         # Rule by rule, each over the whole chain: a gated repo's cause outranks the generic
         # "not a valid model identifier" transformers wraps it in.
         for matches, explain in _RULES:
             for kinds, message in links:
                 if matches(kinds, message):
                     return explain(name or _quoted_id(message) or "the model")
-        if name is not None and os.path.isdir(name) and not check_source(name).ok:
+        check = check_source(name) if name is not None and os.path.isdir(name) else None
+        if check is not None and not check.ok:
             # A directory without a config fails in many ways (4.57 even guesses a model type
             # from the path's letters): the missing config is the cause.
-            return check_source(name).reason
+            return check.reason
     except Exception:  # noqa: BLE001 - explaining must never add a failure of its own
         return None
     return None
-
-
-def _chain(exc: BaseException, limit: int = 8):
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen and len(seen) < limit:
-        seen.add(id(link))
-        yield link
-        link = link.__cause__ or link.__context__
 
 
 def _quoted_id(message: str) -> str | None:
