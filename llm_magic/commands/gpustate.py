@@ -113,14 +113,11 @@ def _disk_sources(models: Sequence[tuple[str, Any]]) -> tuple[DiskSource, ...]:
 
 def _flags(scan: HolderScan, disk: Sequence[DiskSource], small_bytes: int) -> tuple[str, ...]:
     flags = []
+    named = {row.path for row in scan.rows if row.kind == NAMED}
     for row in scan.rows:
         if row.kind == NAMED or row.total < small_bytes:
             continue
-        # Memory behind a stale copy: only free if no named holder shares the storage.
-        sole = {d: n - row.shared_by_device.get(d, 0) for d, n in row.bytes_by_device.items()}
-        for device, count in sorted(sole.items()):
-            if count <= 0:
-                continue
+        for device, count in sorted(row.stale_bytes(named).items()):
             flags.append(f"{format_bytes(count)} on {device} held {_who_and_fix(row, scan.cut)}")
     if disk:
         flags.append(

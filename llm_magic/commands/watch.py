@@ -78,13 +78,7 @@ def stale_copies(rows: tuple[HolderRow, ...], stale_device: Callable[[str], bool
     for row in rows:
         if row.kind not in (HIDDEN, UNNAMED):
             continue
-        shares_named = any(partner in named for partner in row.shared_with)
-        only_here = {
-            device: nbytes - (row.shared_by_device.get(device, 0) if shares_named else 0)
-            for device, nbytes in row.bytes_by_device.items()
-            if stale_device(device)
-        }
-        only_here = {device: nbytes for device, nbytes in only_here.items() if nbytes > 0}
+        only_here = {device: nbytes for device, nbytes in row.stale_bytes(named).items() if stale_device(device)}
         if sum(only_here.values()) >= min_bytes:
             found.append(StaleCopy(row.path, row.kind, row.type_name, only_here))
     return found

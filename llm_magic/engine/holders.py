@@ -53,6 +53,14 @@ class HolderRow:
     def total(self) -> int:
         return sum(self.bytes_by_device.values())
 
+    def stale_bytes(self, named_paths: set[str]) -> dict[str, int]:
+        """Bytes per device that releasing this (hidden or unnamed) holder would free: all of
+        its own, less what it shares with a named holder (that stays alive with the name)."""
+        shares_named = any(partner in named_paths for partner in self.shared_with)
+        stale = {device: nbytes - (self.shared_by_device.get(device, 0) if shares_named else 0)
+                 for device, nbytes in self.bytes_by_device.items()}
+        return {device: nbytes for device, nbytes in stale.items() if nbytes > 0}
+
     def to_dict(self) -> dict:
         return {
             "path": self.path,

@@ -73,3 +73,17 @@ def test_kept_leaves_out_storage_of_the_new_model(shell, tiny_model, shared):
     assert [row.path for row in report.kept] == ([] if shared else ["extra"])
     result, captured = run(shell, "%gpustate --all")
     assert "opt" in captured.stdout  # %gpustate still shows it, with what it shares
+
+
+def test_stale_bytes_leave_out_only_what_a_named_holder_keeps_alive():
+    """`%gpustate`'s flags and watch mode's warnings count a stale copy the same way: storage it
+    shares with a named holder stays alive with that name; shared with another stale copy, it
+    is freed with them."""
+    from dataclasses import replace
+
+    from llm_magic.engine.holders import HIDDEN, HolderRow
+
+    row = HolderRow("Out[3]", HIDDEN, "LlamaForCausalLM", {"cpu": 100, "cuda:0": 10}, {"cpu": 60}, ("last traceback",))
+    assert row.stale_bytes({"model"}) == {"cpu": 100, "cuda:0": 10}
+    assert replace(row, shared_with=("model",)).stale_bytes({"model"}) == {"cpu": 40, "cuda:0": 10}
+    assert replace(row, shared_with=("model",), shared_by_device={"cpu": 100}).stale_bytes({"model"}) == {"cuda:0": 10}
