@@ -27,7 +27,7 @@ from llm_magic.commands.load_checks import (
 )
 from llm_magic.commands.load_report import LoadReport, SharedWeights
 from llm_magic.engine.exceptions import without_own_frames
-from llm_magic.engine.holders import HolderRows, scan_holders
+from llm_magic.engine.holders import HolderRow, scan_holders
 from llm_magic.engine.paths import (
     TargetPath,
     Unresolvable,
@@ -142,13 +142,13 @@ def _kept_for_reads(shell, plan: BodyPlan) -> tuple[str, ...]:
     return tuple(kept)
 
 
-def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> HolderRows:
-    """Models (any size) and other holders (>= min_bytes in all) the user still has, other than
-    `exclude`. An object of many small tensors (a `generate` output with its cache) counts by
-    its total; storages shared with `exclude` count in no row. `.cut` names the roots whose
-    walk was cut (what they hold may be missing)."""
+def kept_holders(shell, exclude: list[Any], min_bytes: int = 1 << 20) -> tuple[tuple[HolderRow, ...], tuple[str, ...]]:
+    """(rows, cut): models (any size) and other holders (>= min_bytes in all) the user still has,
+    other than `exclude`, and the roots whose walk was cut (what they hold may be missing). An
+    object of many small tensors (a `generate` output with its cache) counts by its total;
+    storages shared with `exclude` count in no row."""
     scan = scan_holders(shell_state.visible_names(shell), (), exclude=exclude)
-    return HolderRows.of((row for row in scan.rows if row.is_model or row.total >= min_bytes), scan.cut)
+    return tuple(row for row in scan.rows if row.is_model or row.total >= min_bytes), scan.cut
 
 
 def _failure(exc: BaseException, plan: BodyPlan) -> tuple[BaseException, str | None]:
@@ -183,7 +183,7 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     hidden, naming = shell_state.hidden_refs(shell), lambda: shell_state.naming_roots(shell)
 
     if options.strict:
-        refusal = strict_refusal(options.model_name, predictions, targets, memory_before, lambda: kept_holders(shell, []))
+        refusal = strict_refusal(options.model_name, predictions, targets, memory_before, lambda: kept_holders(shell, [])[0])
         if refusal:
             targets.clear()
             raise StrictRefusal(refusal)
@@ -212,7 +212,7 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
     placements = tuple(model_placement(model, name) for name, model in models)
     shared = _shared_weights(models)
     headroom = _headroom(models, memory_after, options.batch)
-    kept = kept_holders(shell, [model for _, model in models])
+    kept, kept_cut = kept_holders(shell, [model for _, model in models])
     del models
     report = LoadReport(
         model_name=options.model_name,
@@ -221,6 +221,7 @@ def run_llmload(shell, options: LoadOptions, cell: str | None) -> LoadOutcome:
         models=placements,
         shared=shared,
         kept=kept,
+        kept_cut=kept_cut,
         memory_before=memory_before,
         memory_after=memory_after,
         predictions=predictions,

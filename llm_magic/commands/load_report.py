@@ -52,7 +52,8 @@ class LoadReport:
     kept_for_reads: tuple[str, ...] = ()  # targets not released: the body reads them before rebinding
     models: tuple = ()  # placement.ModelPlacement, one per model the body bound
     shared: tuple[SharedWeights, ...] = ()  # storage a model shares with one listed before it
-    kept: tuple[HolderRow, ...] = ()  # tensor holders still in the namespace (holders.HolderRows: with .cut)
+    kept: tuple[HolderRow, ...] = ()  # tensor holders still in the namespace
+    kept_cut: tuple[str, ...] = ()  # roots whose walk was cut: holders inside may be missing from `kept`
     memory_before: Any = None  # devices.MemorySnapshot
     memory_after: Any = None
     predictions: tuple[PredictedLoad, ...] = ()  # one per model load call, made before the release
@@ -71,7 +72,7 @@ class LoadReport:
             "models": _as_dict(self.models),
             "shared": _as_dict(self.shared),
             "kept": _as_dict(self.kept),
-            "kept_cut": list(getattr(self.kept, "cut", ())),  # names whose walk was cut
+            "kept_cut": list(self.kept_cut),
             "memory_before": _as_dict(self.memory_before),
             "memory_after": _as_dict(self.memory_after),
             "predictions": _as_dict(self.predictions),

@@ -74,18 +74,6 @@ class HolderRow:
         }
 
 
-class HolderRows(tuple):
-    """Holder rows, and the roots whose walk was cut (holders inside them may be missing)."""
-
-    cut: tuple[str, ...] = ()
-
-    @classmethod
-    def of(cls, rows: Iterable[HolderRow], cut: Iterable[str] = ()) -> "HolderRows":
-        made = cls(rows)
-        made.cut = tuple(cut)
-        return made
-
-
 @dataclass(frozen=True)
 class HolderScan:
     rows: tuple[HolderRow, ...]

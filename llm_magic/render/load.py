@@ -54,8 +54,7 @@ def memory_table(before, after) -> Table | None:
     return table
 
 
-def kept_table(kept: Iterable) -> Table | Group | Text | None:
-    cut = getattr(kept, "cut", ())
+def kept_table(kept: Iterable, cut: tuple[str, ...] = ()) -> Table | Group | Text | None:
     kept = list(kept)
     # A line of its own, not the caption: the table is narrow and would wrap it.
     note = Text(f"Still loaded: {cut_note(cut, 'models')}", style=WARN) if cut else None
@@ -119,7 +118,7 @@ def render_load_report(report) -> Group:
         ]
     for headroom in report.headroom:
         parts.append(Clauses(headroom.line, style="bold"))
-    parts.append(kept_table(report.kept))
+    parts.append(kept_table(report.kept, report.kept_cut))
     parts.append(memory_table(report.memory_before, report.memory_after))
     if report.load_failure:
         parts.append(Text(f"The load failed: {report.load_failure} (traceback below).", style=WARN))

@@ -50,7 +50,7 @@ def test_llmload_kept_list_names_the_models_and_the_cut(busy):
     result, captured = run(busy, "%%llmload name -o\nimport torch\nlinear = torch.nn.Linear(2, 2)")
     report = result.result
     assert {"model", "runs['best']"} <= {row.path for row in report.kept}
-    assert report.kept.cut == ("big",) and report.to_dict()["kept_cut"] == ["big"]
+    assert report.kept_cut == ("big",) and report.to_dict()["kept_cut"] == ["big"]
     assert CUT_NOTE in captured.stdout
 
 
