@@ -36,11 +36,11 @@ from llm_magic.measure.model_devices import (
 )
 from llm_magic.names import (
     dtype_name,
-    is_accelerator,
     normalize_device,
     normalize_device_map,
 )
 from llm_magic.predict.checkpoint import SAFETENSORS_TO_TORCH, read_safetensors_header
+from llm_magic.predict.sizing import Dispatch
 
 # Attention implementations simulated as they are; the others run as sdpa, whose memory (output
 # and log-sum-exp, no score matrix) is what the fused kernels (flash attention 2/3) hold too.
@@ -157,42 +157,33 @@ def layout_of_loaded(model: Any) -> GenLayout:
 def layout_of_meta(model: Any, device_map: dict[str, Any] | None) -> GenLayout:
     """The layout a meta model (built from a config) will have once loaded with `device_map`.
 
-    accelerate's rule (dispatch_model): with an accelerator in the map, modules mapped to cpu or
-    disk run on the first accelerator, their weights streamed in; without one, everything runs on
-    the cpu.
+    accelerate's rule (dispatch_model, `predict.sizing.Dispatch`): modules kept on the cpu or the
+    disk while the main device is an accelerator run on it, their weights streamed in; without
+    one, everything runs on the cpu.
     """
-    device_map = normalize_device_map(device_map or {"": "cpu"})
-    accelerators = [device for device in device_map.values() if is_accelerator(device)]
-    main_accelerator = accelerators[0] if accelerators else None
-
-    def placed(name: str) -> str:
-        best = max((key for key in device_map if key == "" or name == key or name.startswith(key + ".")), key=len, default="")
-        return device_map.get(best, "cpu")
+    dispatch = Dispatch(normalize_device_map(device_map or {"": "cpu"}))
 
     def runs_on(name: str) -> str:
-        device = placed(name)
-        return main_accelerator if device in ("cpu", "disk") and main_accelerator else ("cpu" if device == "disk" else device)
+        return dispatch.runs_on(name) or "cpu"
 
     layers, path = decoder_layers_and_path(model)
     devices, streamed = [], []
     for index, layer in enumerate(layers):
         name = f"{path}.{index}"
         devices.append(runs_on(name))
-        offloaded = placed(name) in ("cpu", "disk") and main_accelerator is not None or placed(name) == "disk"
-        streamed.append(_largest_module_bytes(layer) if offloaded else 0)
+        streamed.append(_largest_module_bytes(layer) if dispatch.is_offloaded(name) else 0)
     weights: dict[str, int] = {}
-    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
-        device = placed(name)
+    tensors = [(name, tensor, False) for name, tensor in model.named_parameters()]
+    tensors += [(name, tensor, True) for name, tensor in model.named_buffers()]
+    for name, tensor, is_buffer in tensors:
+        device = dispatch.device(name, is_buffer) or "cpu"
         weights[device] = weights.get(device, 0) + tensor.numel() * tensor.element_size()
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     names = {id(module): name for name, module in model.named_modules()}
     main = runs_on(names.get(id(embedding), "")) if embedding is not None else devices[0]
     head_device = runs_on(names.get(id(head), "")) if head is not None else devices[-1]
-    other = {}
-    for key, module in (("embedding", embedding), ("head", head)):
-        name = names.get(id(module), "")
-        if module is not None and (placed(name) == "disk" or placed(name) == "cpu" and main_accelerator):
-            other[key] = _largest_module_bytes(module)
+    other = {key: _largest_module_bytes(module) for key, module in (("embedding", embedding), ("head", head))
+             if module is not None and dispatch.is_offloaded(names.get(id(module), ""))}
     return _layout(model, layers, path, devices, streamed, main, head_device, weights, other)
 
 

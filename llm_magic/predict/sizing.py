@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from llm_magic.compat import CompatError
 from llm_magic.compat import transformers as tf
-from llm_magic.names import accelerators, sort_devices
+from llm_magic.names import is_accelerator, sort_devices
 from llm_magic.predict.replay import Replayed
 from llm_magic.predict.result import Draft
 
@@ -64,7 +64,7 @@ def device_of(name: str, device_map: Mapping[str, str]) -> str | None:
 def bytes_by_device(model: Any, sizes: Mapping[str, int], device_map: Mapping[str, str]) -> tuple[dict[str, int], int]:
     """(bytes per device where the load will hold them, bytes the map does not cover)."""
     buffers = {name for name, _ in model.named_buffers()}
-    placed = _Dispatch(device_map)
+    placed = Dispatch(device_map)
     totals: dict[str, int] = {}
     uncovered = 0
     for name, size in sizes.items():
@@ -84,7 +84,7 @@ def modules_by_device(model: Any, sizes: Mapping[str, int], device_map: Mapping[
     owns them (the loaded model's `lm_head` owns the embedding's weight too), at the size of the
     tensor they alias.
     """
-    placed = _Dispatch(device_map)
+    placed = Dispatch(device_map)
     per_module: dict[str, dict[str, int]] = {}
     tensors = [(name, tensor, False) for name, tensor in model.named_parameters(remove_duplicate=False)]
     tensors += [(name, tensor, True) for name, tensor in model.named_buffers(remove_duplicate=False)]
@@ -101,33 +101,43 @@ def modules_by_device(model: Any, sizes: Mapping[str, int], device_map: Mapping[
     return {device: counts[device] for device in sort_devices(counts)}
 
 
-class _Dispatch:
+class Dispatch:
     """Where accelerate's `dispatch_model` puts each tensor of a model loaded with `device_map`.
 
     Parameters go where the map says. Buffers of offloaded modules do not: with
     `offload_buffers=False` (the default of from_pretrained) they are moved to the execution
     device, the main device of the map (its first accelerator, else the cpu). Modules are
     offloaded when they map to disk, or to cpu while the main device is an accelerator other
-    than mps. Dispatch happens when the map has several devices or disk; a single-device load
-    keeps everything where it is. (accelerate 1.15 `big_modeling.dispatch_model`,
-    `hooks.AlignDevicesHook.init_hook`.)
+    than mps; an offloaded module runs on the main device, its weights streamed in. Dispatch
+    happens when the map has several devices or disk; a single-device load keeps everything
+    where it is. (accelerate 1.15 `big_modeling.dispatch_model`: the main device is the map's
+    first accelerator in the map's order; `hooks.AlignDevicesHook.init_hook`.)
     """
 
     def __init__(self, device_map: Mapping[str, str]):
         self.map = device_map
-        used = set(device_map.values())
+        used = list(dict.fromkeys(device_map.values()))
         self.main = None
         self.offloaded: set[str] = set()
         if len(used) > 1 or "disk" in used:
-            found = accelerators(used)
+            found = [device for device in used if is_accelerator(device)]
             self.main = found[0] if found else "cpu"
             self.offloaded = {"disk"} if self.main == "cpu" or self.main.startswith("mps") else {"cpu", "disk"}
 
     def device(self, name: str, is_buffer: bool) -> str | None:
+        """Where the tensor `name` is kept (None: the map does not cover it)."""
         device = device_of(name, self.map)
         if is_buffer and device in self.offloaded:
             return self.main
         return device
+
+    def is_offloaded(self, name: str) -> bool:
+        """Are the module `name`'s weights streamed in for each call (kept on cpu or disk)?"""
+        return device_of(name, self.map) in self.offloaded
+
+    def runs_on(self, name: str) -> str | None:
+        """The device the module `name` computes on."""
+        return self.main if self.is_offloaded(name) else device_of(name, self.map)
 
 
 def largest_layer(model: Any, sizes: Mapping[str, int], no_split: set[str]) -> int:

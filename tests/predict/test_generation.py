@@ -158,6 +158,19 @@ def test_layers_on_two_devices_keep_their_cache_where_they_run():
     assert streamed - one["cuda:0"] == split.streamed_bytes[2]
 
 
+def test_cpu_layers_next_to_mps_run_on_the_cpu():
+    """accelerate offloads cpu modules to the main device except on mps (dispatch_model): the
+    predicted layout follows the same rule as the pre-flight's placement (predict/sizing.py)."""
+    model = tiny("llama", "sdpa")
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config)
+    device_map = {"model.embed_tokens": "mps", "model.rotary_emb": "mps", "model.layers.0": "mps", "model.layers.1": "mps",
+                  "model.layers.2": "cpu", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    layout = layout_of_meta(meta, device_map)
+    assert layout.layer_devices == ("mps:0", "mps:0", "cpu", "cpu") and layout.streamed_bytes == (0, 0, 0, 0)
+    assert layout.main_device == "mps:0" and layout.head_device == "cpu"
+
+
 def test_the_simulation_allocates_no_real_memory():
     """A model whose generate would need about 1 GiB: the prediction allocates under 2 MiB for real."""
     config = tiny_config("llama", hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
