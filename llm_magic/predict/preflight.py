@@ -109,8 +109,11 @@ def _with_generation(call: LoadCall, replayed, context: Context, draft: Draft) -
     from llm_magic.predict.gen_headroom import fit_line_for_meta_model
 
     free = {device: nbytes for device, nbytes in context.free.items() if nbytes is not None}
-    line = fit_line_for_meta_model(replayed.model, call.target or "model", draft.device_map, free, draft.bytes_by_device,
-                                   batch=context.generation_batch)
+    try:
+        line = fit_line_for_meta_model(replayed.model, call.target or "model", draft.device_map, free,
+                                       draft.bytes_by_device, batch=context.generation_batch)
+    except Exception as error:  # noqa: BLE001 - an extra line: its failure is a note, the placement stands
+        return draft.noted(f"generation headroom unknown ({type(error).__name__}: {error})"[:200])
     return draft.with_(generation=line)
 
 

@@ -160,3 +160,17 @@ def test_dry_run_generation_capacity_is_free_memory_less_the_predicted_weights(s
     real, _ = cell(shell, path, PLAIN_LOAD, "-o")
     [placement] = real.result.models
     assert item.prediction.bytes_by_device["cpu"] == placement.total_bytes  # the tied weight once
+
+
+def test_a_failing_generation_line_leaves_the_dry_run_prediction_standing(shell, tiny_model, monkeypatch):
+    from llm_magic.predict import gen_headroom
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulation broke")
+
+    monkeypatch.setattr(gen_headroom, "fit_line_for_meta_model", broken)
+    dry, _ = cell(shell, tiny_model, PLAIN_LOAD, "--dry-run -o")
+    [item] = dry.result.predictions
+    assert item.prediction.status == "ok" and item.prediction.bytes_by_device
+    assert item.prediction.generation is None
+    assert "generation headroom unknown (RuntimeError: simulation broke)" in item.prediction.notes
