@@ -22,6 +22,12 @@ def run(shell, code, *, fails: bool | None = None):
     return result, captured
 
 
+def llmload(shell, path, body=LOAD, options="-o"):
+    """Run `%%llmload PATH OPTIONS` over `body` (default: LOAD). -> (result, captured)."""
+    shell.user_ns["_test_path"] = path
+    return run(shell, f"%%llmload $_test_path {options}\n{body}")
+
+
 def run_text(shell, code):
     """Run a cell; (result, its output without colour codes, whitespace runs as one space: rich
     wraps at the terminal's width)."""

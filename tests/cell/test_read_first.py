@@ -14,16 +14,11 @@ import weakref
 
 import pytest
 from cells import LOAD, changed_names, namespace_ids, ok, run
+from cells import llmload as load
 
 from llm_magic.cell.magics import UnreadableMagic, expand_line_magics
 from llm_magic.cell.reads import analyse_reads
 from llm_magic.engine.paths import parse_target
-
-
-def load(shell, path, body, options="-o"):
-    shell.user_ns["_test_path"] = path
-    return run(shell, f"%%llmload $_test_path {options}\n{body}")
-
 
 # -- the analysis itself: statement order, branches, loops, scopes ---------------------------
 

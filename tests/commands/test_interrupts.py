@@ -10,6 +10,7 @@ import weakref
 
 import pytest
 from cells import changed_names, namespace_ids, ok, run
+from cells import llmload as load
 from hypothesis import given
 from hypothesis import strategies as st
 from IPython.utils.capture import capture_output
@@ -17,7 +18,6 @@ from support.hostile import (
     FAST,
     INTERRUPTING,
     dead,
-    load,
 )
 
 from llm_magic.ipython.magics import LLMMagic

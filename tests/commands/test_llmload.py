@@ -5,23 +5,17 @@ Every claim that memory was freed is proven with a weak reference to the old mod
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import weakref
 
 import pytest
-from cells import run
+from cells import LOAD, llmload, run
 from IPython.utils.capture import capture_output
 
-LOAD = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(MODEL_NAME)\n"
-
-
-def load(shell, path, body=LOAD, options=""):
-    """Run a %%llmload cell the way a notebook does; return (ExecutionResult, captured)."""
-    shell.user_ns["_test_path"] = path
-    with capture_output() as captured:
-        result = shell.run_cell(f"%%llmload $_test_path {options}\n{body}", store_history=True)
-    return result, captured
+# A %%llmload cell as a notebook runs it, without -o unless asked.
+load = functools.partial(llmload, options="")
 
 
 

@@ -8,6 +8,7 @@ import time
 import weakref
 
 import pytest
+from cells import llmload as load
 from cells import ok, run
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,7 +17,6 @@ from support.hostile import (
     FAST,
     assert_plain_json,
     dead,
-    load,
 )
 
 pytestmark = pytest.mark.usefixtures("frozen_imports")

@@ -8,6 +8,7 @@ import sys
 import weakref
 
 import pytest
+from cells import llmload as load
 from cells import ok, run
 from support.hostile import (
     HOSTILE,
@@ -15,7 +16,6 @@ from support.hostile import (
     TENSORS,
     assert_plain_json,
     dead,
-    load,
 )
 
 pytestmark = pytest.mark.usefixtures("frozen_imports")

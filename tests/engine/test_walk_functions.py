@@ -7,7 +7,8 @@ from __future__ import annotations
 import weakref
 
 import pytest
-from cells import LOAD, ok, run
+from cells import llmload as load
+from cells import ok, run
 
 HOLDERS = {
     "gen = lambda prompt, m=model: m\n": "gen.__defaults__[0]",
@@ -17,11 +18,6 @@ HOLDERS = {
     "class Runner:\n    def __init__(self, m):\n        self.m = m\n    def go(self):\n        return self.m\ngen = Runner(model).go\n": "gen.__self__.m",
     "def gen():\n    pass\ngen.model = model\n": "gen.model",
 }
-
-
-def load(shell, path):
-    shell.user_ns["_test_path"] = path
-    return run(shell, f"%%llmload $_test_path -o\n{LOAD}")
 
 
 @pytest.mark.parametrize("holder", list(HOLDERS), ids=list(HOLDERS.values()))

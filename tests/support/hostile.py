@@ -10,16 +10,10 @@ from __future__ import annotations
 import gc
 import json
 
-from cells import LOAD, run
 from hypothesis import HealthCheck, settings
 
 # Hypothesis runs many examples against one shell: the fixture is reset by hand between them.
 FAST = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def load(shell, path, body=LOAD, options="-o"):
-    shell.user_ns["_test_path"] = path
-    return run(shell, f"%%llmload $_test_path {options}\n{body}")
 
 
 def assert_plain_json(data):
