@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from llm_magic.engine.walk import (
-    DEFAULT_BUDGET,
+    ROOT_BUDGET,
     TOTAL_BUDGET,
     WalkStats,
-    breadth_first,
     paused_gc,
+    walk_leaves,
 )
 
 
@@ -118,7 +118,7 @@ def tensors_of(obj: Any) -> Iterator[Any]:
 def find_tensor_holders(
     roots: Iterable[tuple[str, Any]],
     *,
-    budget: int | None = DEFAULT_BUDGET,
+    budget: int | None = ROOT_BUDGET,
     total: int | None = TOTAL_BUDGET,
     stats: WalkStats | None = None,
 ) -> Iterator[tuple[str, Any]]:
@@ -128,10 +128,11 @@ def find_tensor_holders(
     """
     if loaded_torch() is None:
         return iter(())
-    return breadth_first(roots, is_leaf=is_tensor_holder_leaf, budget=budget, total=total, stats=stats)
+    leaves = walk_leaves(roots, is_leaf=is_tensor_holder_leaf, budget=budget, total=total, stats=stats)
+    return ((path, obj) for _, path, obj in leaves)
 
 
-def holds_tensors(obj: Any, *, budget: int = 20_000, stats: WalkStats | None = None) -> bool:
+def holds_tensors(obj: Any, *, budget: int = ROOT_BUDGET, stats: WalkStats | None = None) -> bool:
     """Does `obj` hold (directly or inside) a tensor with data, or a module with weights?
 
     False may mean "not within the budget": `stats.truncated` then says so.

@@ -34,7 +34,6 @@ from llm_magic.engine.shapes import (
 ROOT_BUDGET = 20_000
 # Items read by one walk over all its roots: about a second on a slow CPU.
 TOTAL_BUDGET = 1_000_000
-DEFAULT_BUDGET = ROOT_BUDGET
 
 
 @contextmanager
@@ -156,28 +155,13 @@ def walk_leaves(
 ) -> Iterator[tuple[str, str, Any]]:
     """(root label, path, leaf) for every leaf reachable from `roots`, shortest path first.
 
-    `budget` is per root (None: unbounded, as `%gpustate --deep` walks).
+    A leaf (a tensor, a module: whatever `is_leaf` says of the type) is yielded once and not
+    walked into. `budget` is per root (None: unbounded, as `%gpustate --deep` walks). Pass the
+    same `stats` to a second call to go on with the objects already seen excluded: that is how
+    hidden holders are told from visible ones.
     """
     stats = stats if stats is not None else WalkStats()
     return _walk(roots, leaf=is_leaf, budget=budget, total=total, stats=stats)
-
-
-def breadth_first(
-    roots: Iterable[tuple[str, Any]],
-    *,
-    is_leaf: Callable[[Any], bool],
-    budget: int | None = DEFAULT_BUDGET,
-    total: int | None = TOTAL_BUDGET,
-    stats: WalkStats | None = None,
-) -> Iterator[tuple[str, Any]]:
-    """Yield (path, object) for every leaf reachable from `roots`, shortest path first.
-
-    A leaf (a tensor, a module: whatever `is_leaf` says of the type) is yielded once and not
-    walked into. Pass the same `stats` to a second call to go on with the objects already seen
-    excluded: that is how hidden holders are told from visible ones.
-    """
-    for _, path, obj in walk_leaves(roots, is_leaf=is_leaf, budget=budget, total=total, stats=stats):
-        yield path, obj
 
 
 def find_paths(
@@ -185,13 +169,13 @@ def find_paths(
     wanted: set[int],
     *,
     stop: Callable[[Any], bool] = lambda _: False,
-    budget: int | None = DEFAULT_BUDGET,
+    budget: int | None = ROOT_BUDGET,
     total: int | None = TOTAL_BUDGET,
     stats: WalkStats | None = None,
 ) -> dict[int, list[str]]:
     """Every path (from any root) that reaches an object whose id is in `wanted`.
 
-    Unlike `breadth_first`, an object reached again by another route is recorded again, so a
+    Unlike `walk_leaves`, an object reached again by another route is recorded again, so a
     model held both by `model` and `results[0].model` is named by both. Objects for which
     `stop` is true (a question about the type) are not walked into: tensors hold nothing of
     interest.
